@@ -1,0 +1,390 @@
+//! Token <-> expert reordering: `dispatch_plan` (a stable counting sort of (token, slot) pairs by
+//! expert), `gather` (tokens into expert-sorted rows) and `combine` (weighted sum of a token's
+//! rows), each with its backward.
+//!
+//! Shapes: T tokens, K slots per token, E experts, R kept rows, d features.
+
+use rayon::prelude::*;
+
+use crate::error::{check_len, value_err, KResult};
+use crate::real::Real;
+use crate::threads::rows_per_task;
+
+/// The result of `dispatch_plan`. All vectors are int64 so they map straight onto torch tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Rows kept per expert, `[E]`.
+    pub counts: Vec<i64>,
+    /// Exclusive scan of `counts`, `[E + 1]`.
+    pub offsets: Vec<i64>,
+    /// Token of each expert-sorted row, `[R]`.
+    pub row_token: Vec<i64>,
+    /// Flat slot (t * K + j) of each row, `[R]`.
+    pub row_slot: Vec<i64>,
+    /// Row of each slot, -1 for empty or dropped slots, `[T * K]`.
+    pub slot_row: Vec<i64>,
+    /// Slots dropped by the capacity limit.
+    pub dropped: i64,
+}
+
+/// Shares a mutable buffer between rayon tasks that write provably disjoint indices.
+struct DisjointWriter<'a> {
+    ptr: *mut i64,
+    len: usize,
+    _life: std::marker::PhantomData<&'a mut [i64]>,
+}
+
+// SAFETY: the writer is only used by `dispatch_plan`, whose tasks write pairwise distinct indices
+// (each kept slot owns one row of the counting sort), so no two threads touch the same element.
+unsafe impl Sync for DisjointWriter<'_> {}
+
+impl<'a> DisjointWriter<'a> {
+    fn new(buf: &'a mut [i64]) -> Self {
+        Self { ptr: buf.as_mut_ptr(), len: buf.len(), _life: std::marker::PhantomData }
+    }
+
+    /// Writes `v` at `i`; callers guarantee no other task writes `i` concurrently.
+    #[inline(always)]
+    fn write(&self, i: usize, v: i64) {
+        assert!(i < self.len, "row index out of range");
+        // SAFETY: `i` is in bounds (checked above) and, by the caller's contract, owned by this task.
+        unsafe { *self.ptr.add(i) = v }
+    }
+}
+
+/// Builds the dispatch plan for `idx[t, k]` (-1 = empty slot) over `num_experts` experts. With a
+/// capacity, each expert keeps its first `capacity` slots in token order and drops the rest.
+pub fn dispatch_plan(idx: &[i64], t: usize, k: usize, num_experts: usize, capacity: Option<usize>) -> KResult<Plan> {
+    check_len("idx", idx.len(), t * k)?;
+    if num_experts < 1 {
+        return value_err(format!("num_experts must be >= 1, got {num_experts}"));
+    }
+    let e = num_experts;
+    let n = t * k;
+    // Chunks of whole tokens, each counted and placed by one task; results do not depend on it.
+    let tokens_per_chunk = rows_per_task(t.max(1), k.max(1), 1 << 15);
+    let chunk_slots = (tokens_per_chunk * k).max(1);
+    let n_chunks = n.div_ceil(chunk_slots);
+
+    // Pass 1: per-chunk histograms (and validation of the indices).
+    let hist: Vec<Vec<i64>> = idx
+        .par_chunks(chunk_slots)
+        .map(|slots| {
+            let mut h = vec![0i64; e];
+            for &x in slots {
+                if x >= 0 && (x as usize) < e {
+                    h[x as usize] += 1;
+                } else if x != -1 {
+                    return value_err(format!("idx holds expert {x}, outside [-1, {e}) (num_experts = {e})"));
+                }
+            }
+            Ok(h)
+        })
+        .collect::<KResult<_>>()?;
+
+    // Where each chunk's slots start inside each expert, the kept counts and the row offsets.
+    let cap = capacity.map(|c| c as i64).unwrap_or(i64::MAX);
+    let mut base = vec![vec![0i64; e]; n_chunks];
+    let mut totals = vec![0i64; e];
+    for (c, h) in hist.iter().enumerate() {
+        base[c].copy_from_slice(&totals);
+        for (tot, &x) in totals.iter_mut().zip(h) {
+            *tot += x;
+        }
+    }
+    let counts: Vec<i64> = totals.iter().map(|&x| x.min(cap)).collect();
+    let mut offsets = vec![0i64; e + 1];
+    for i in 0..e {
+        offsets[i + 1] = offsets[i] + counts[i];
+    }
+    let dropped = totals.iter().zip(&counts).map(|(a, b)| a - b).sum();
+    let r = offsets[e] as usize;
+
+    // Pass 2: place every slot.
+    let mut slot_row = vec![-1i64; n];
+    let mut row_token = vec![0i64; r];
+    let mut row_slot = vec![0i64; r];
+    {
+        let tok_w = DisjointWriter::new(&mut row_token);
+        let slot_w = DisjointWriter::new(&mut row_slot);
+        slot_row
+            .par_chunks_mut(chunk_slots)
+            .zip(idx.par_chunks(chunk_slots))
+            .zip(base.par_iter())
+            .enumerate()
+            .for_each(|(c, ((rows, slots), base))| {
+                let mut cursor = base.clone();
+                let first = c * chunk_slots;
+                for (i, (&x, row)) in slots.iter().zip(rows.iter_mut()).enumerate() {
+                    if x < 0 {
+                        continue;
+                    }
+                    let x = x as usize;
+                    let pos = cursor[x];
+                    cursor[x] += 1;
+                    if pos < cap {
+                        let dst = (offsets[x] + pos) as usize;
+                        let flat = first + i;
+                        *row = dst as i64;
+                        tok_w.write(dst, (flat / k) as i64);
+                        slot_w.write(dst, flat as i64);
+                    }
+                }
+            });
+    }
+    Ok(Plan { counts, offsets, row_token, row_slot, slot_row, dropped })
+}
+
+fn row_index(arg: &str, x: i64, bound: usize) -> KResult<usize> {
+    if x >= 0 && (x as usize) < bound {
+        Ok(x as usize)
+    } else {
+        value_err(format!("{arg} holds {x}, outside [0, {bound}): the plan does not match the tensors"))
+    }
+}
+
+/// `out[r] = x[row_token[r]]` for `x[t, d]`, `out[R, d]`.
+pub fn gather<F: Real>(x: &[F], t: usize, d: usize, row_token: &[i64], out: &mut [F]) -> KResult<()> {
+    check_len("x", x.len(), t * d)?;
+    check_len("out", out.len(), row_token.len() * d)?;
+    if d == 0 || row_token.is_empty() {
+        return Ok(());
+    }
+    let rows = rows_per_task(row_token.len(), d, 1 << 14);
+    out.par_chunks_mut(rows * d).zip(row_token.par_chunks(rows)).try_for_each(|(out, toks)| {
+        for (dst, &tok) in out.chunks_exact_mut(d).zip(toks) {
+            let tok = row_index("plan.row_token", tok, t)?;
+            dst.copy_from_slice(&x[tok * d..(tok + 1) * d]);
+        }
+        Ok(())
+    })
+}
+
+/// Backward of `gather`: `out[t] = sum over slots j in order of grad[slot_row[t, j]]`.
+pub fn gather_backward<F: Real>(grad: &[F], r: usize, d: usize, slot_row: &[i64], t: usize, out: &mut [F]) -> KResult<()> {
+    check_len("grad", grad.len(), r * d)?;
+    check_len("out", out.len(), t * d)?;
+    if d == 0 || t == 0 {
+        return Ok(());
+    }
+    if slot_row.len() % t != 0 {
+        return value_err(format!("plan.slot_row has {} elements, not a multiple of {t} tokens", slot_row.len()));
+    }
+    let k = slot_row.len() / t;
+    if k == 0 {
+        out.fill(F::ZERO);
+        return Ok(());
+    }
+    let rows = rows_per_task(t, k * d, 1 << 14);
+    out.par_chunks_mut(rows * d).zip(slot_row.par_chunks(rows * k)).try_for_each(|(out, slots)| {
+        for (dst, slots) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)) {
+            dst.fill(F::ZERO);
+            for &row in slots {
+                if row == -1 {
+                    continue;
+                }
+                let row = row_index("plan.slot_row", row, r)?;
+                for (a, &g) in dst.iter_mut().zip(&grad[row * d..(row + 1) * d]) {
+                    *a += g;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `out[t] = sum over slots j in order of weights[t, j] * ys[slot_row[t, j]]`; empty slots add 0.
+pub fn combine<F: Real>(ys: &[F], r: usize, d: usize, weights: &[F], slot_row: &[i64], t: usize, out: &mut [F]) -> KResult<()> {
+    check_len("ys", ys.len(), r * d)?;
+    check_len("weights", weights.len(), slot_row.len())?;
+    check_len("out", out.len(), t * d)?;
+    if d == 0 || t == 0 {
+        return Ok(());
+    }
+    if slot_row.len() % t != 0 {
+        return value_err(format!("plan.slot_row has {} elements, not a multiple of {t} tokens", slot_row.len()));
+    }
+    let k = slot_row.len() / t;
+    if k == 0 {
+        out.fill(F::ZERO);
+        return Ok(());
+    }
+    let rows = rows_per_task(t, k * d, 1 << 14);
+    out.par_chunks_mut(rows * d)
+        .zip(slot_row.par_chunks(rows * k))
+        .zip(weights.par_chunks(rows * k))
+        .try_for_each(|((out, slots), weights)| {
+            for ((dst, slots), ws) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)).zip(weights.chunks_exact(k)) {
+                dst.fill(F::ZERO);
+                for (&row, &w) in slots.iter().zip(ws) {
+                    if row == -1 {
+                        continue;
+                    }
+                    let row = row_index("plan.slot_row", row, r)?;
+                    for (a, &y) in dst.iter_mut().zip(&ys[row * d..(row + 1) * d]) {
+                        *a += w * y;
+                    }
+                }
+            }
+            Ok(())
+        })
+}
+
+/// Dot product with independent lanes so it vectorises without reassociation flags.
+#[inline]
+fn dot<F: Real>(a: &[F], b: &[F]) -> F {
+    const L: usize = 8;
+    let mut lanes = [F::ZERO; L];
+    let ca = a.chunks_exact(L);
+    let cb = b.chunks_exact(L);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..L {
+            lanes[i] += xa[i] * xb[i];
+        }
+    }
+    let mut s = F::ZERO;
+    for (&x, &y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    let mut total = F::ZERO;
+    for l in lanes {
+        total += l;
+    }
+    total + s
+}
+
+/// Backward of `combine` in one pass over the expert rows: for row r of slot s = row_slot[r] and
+/// token t = row_token[r], `grad_ys[r] = weights[s] * grad[t]` and
+/// `grad_w[s] = <grad[t], ys[r]>`; slots without a row get a zero weight gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn combine_backward<F: Real>(
+    grad: &[F],
+    ys: &[F],
+    weights: &[F],
+    d: usize,
+    row_token: &[i64],
+    row_slot: &[i64],
+    slot_row: &[i64],
+    grad_ys: &mut [F],
+    grad_w: &mut [F],
+) -> KResult<()> {
+    let r = row_token.len();
+    let n = slot_row.len();
+    check_len("plan.row_slot", row_slot.len(), r)?;
+    check_len("ys", ys.len(), r * d)?;
+    check_len("weights", weights.len(), n)?;
+    check_len("grad_ys", grad_ys.len(), r * d)?;
+    check_len("grad_w", grad_w.len(), n)?;
+    let t = if d == 0 { 0 } else { grad.len() / d };
+    check_len("grad", grad.len(), t * d)?;
+    // Dot products land per row (contiguous, safe to write in parallel), then move to their slots.
+    let mut dots = vec![F::ZERO; r];
+    if r > 0 && d > 0 {
+        let rows = rows_per_task(r, 2 * d, 1 << 14);
+        grad_ys
+            .par_chunks_mut(rows * d)
+            .zip(dots.par_chunks_mut(rows))
+            .zip(ys.par_chunks(rows * d))
+            .zip(row_token.par_chunks(rows).zip(row_slot.par_chunks(rows)))
+            .try_for_each(|(((gys, dots), ys), (toks, slots))| {
+                for (((gy, dot_out), y), (&tok, &slot)) in
+                    gys.chunks_exact_mut(d).zip(dots.iter_mut()).zip(ys.chunks_exact(d)).zip(toks.iter().zip(slots))
+                {
+                    let tok = row_index("plan.row_token", tok, t)?;
+                    let slot = row_index("plan.row_slot", slot, n)?;
+                    let g = &grad[tok * d..(tok + 1) * d];
+                    let w = weights[slot];
+                    for (o, &gv) in gy.iter_mut().zip(g) {
+                        *o = w * gv;
+                    }
+                    *dot_out = dot(g, y);
+                }
+                Ok(())
+            })?;
+    }
+    grad_w.par_iter_mut().zip(slot_row.par_iter()).try_for_each(|(gw, &row)| {
+        *gw = if row == -1 { F::ZERO } else { dots[row_index("plan.slot_row", row, r)?] };
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_is_a_stable_counting_sort() {
+        // 3 tokens, 2 slots, 3 experts; token 1 has an empty slot.
+        let idx = [2, 0, 0, -1, 2, 1];
+        let p = dispatch_plan(&idx, 3, 2, 3, None).unwrap();
+        assert_eq!(p.counts, vec![2, 1, 2]);
+        assert_eq!(p.offsets, vec![0, 2, 3, 5]);
+        assert_eq!(p.row_token, vec![0, 1, 2, 0, 2]);
+        assert_eq!(p.row_slot, vec![1, 2, 5, 0, 4]);
+        assert_eq!(p.slot_row, vec![3, 0, 1, -1, 4, 2]);
+        assert_eq!(p.dropped, 0);
+    }
+
+    #[test]
+    fn capacity_keeps_first_slots_in_token_order() {
+        let idx = [0, 0, 0, 1];
+        let p = dispatch_plan(&idx, 4, 1, 2, Some(2)).unwrap();
+        assert_eq!(p.counts, vec![2, 1]);
+        assert_eq!(p.slot_row, vec![0, 1, -1, 2]);
+        assert_eq!(p.dropped, 1);
+        let p0 = dispatch_plan(&idx, 4, 1, 2, Some(0)).unwrap();
+        assert_eq!(p0.slot_row, vec![-1; 4]);
+        assert_eq!(p0.dropped, 4);
+        assert!(p0.row_token.is_empty());
+    }
+
+    #[test]
+    fn plan_rejects_out_of_range_experts() {
+        assert!(dispatch_plan(&[0, 3], 2, 1, 3, None).is_err());
+        assert!(dispatch_plan(&[0, -2], 2, 1, 3, None).is_err());
+        assert!(dispatch_plan(&[0], 1, 1, 0, None).is_err());
+    }
+
+    #[test]
+    fn large_plans_match_a_sequential_sort() {
+        let (t, k, e) = (50_000usize, 2usize, 7usize);
+        let idx: Vec<i64> = (0..t * k).map(|i| ((i * 2654435761) % (e + 1)) as i64 - 1).collect();
+        let p = dispatch_plan(&idx, t, k, e, Some(5000)).unwrap();
+        let mut expected_tokens = Vec::new();
+        for x in 0..e as i64 {
+            let toks: Vec<i64> = (0..t * k).filter(|&i| idx[i] == x).map(|i| (i / k) as i64).take(5000).collect();
+            expected_tokens.extend(toks);
+        }
+        assert_eq!(p.row_token, expected_tokens);
+    }
+
+    #[test]
+    fn gather_combine_and_backwards() {
+        let idx = [1, 0, 1, -1];
+        let p = dispatch_plan(&idx, 2, 2, 2, None).unwrap();
+        let x = [1.0f64, 2.0, 3.0, 4.0];
+        let mut xs = vec![0.0; 6];
+        gather(&x, 2, 2, &p.row_token, &mut xs).unwrap();
+        assert_eq!(xs, vec![1.0, 2.0, 1.0, 2.0, 3.0, 4.0]);
+        let mut gx = vec![0.0; 4];
+        gather_backward(&xs, 3, 2, &p.slot_row, 2, &mut gx).unwrap();
+        assert_eq!(gx, vec![2.0, 4.0, 3.0, 4.0]);
+        let w = [0.5, 0.25, 2.0, 100.0];
+        let mut y = vec![0.0; 4];
+        combine(&xs, 3, 2, &w, &p.slot_row, 2, &mut y).unwrap();
+        assert_eq!(y, vec![0.75, 1.5, 6.0, 8.0]);
+        let g = [1.0, 1.0, 1.0, 0.0];
+        let (mut gys, mut gw) = (vec![0.0; 6], vec![0.0; 4]);
+        combine_backward(&g, &xs, &w, 2, &p.row_token, &p.row_slot, &p.slot_row, &mut gys, &mut gw).unwrap();
+        assert_eq!(gys, vec![0.25, 0.25, 0.5, 0.5, 2.0, 0.0]);
+        assert_eq!(gw, vec![3.0, 3.0, 3.0, 0.0]);
+    }
+
+    #[test]
+    fn inconsistent_plans_are_errors_not_panics() {
+        let mut out = vec![0.0f32; 2];
+        assert!(gather(&[1.0f32, 2.0], 1, 2, &[5], &mut out).is_err());
+        assert!(combine(&[1.0f32, 2.0], 1, 2, &[1.0], &[3], 1, &mut out).is_err());
+    }
+}

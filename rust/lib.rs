@@ -1,0 +1,14 @@
+//! moerust's native kernels: expert routing, dispatch/combine, LARS-style gradient scaling and
+//! sliding-window masks. Each module is plain Rust over slices; `python.rs` (feature `python`)
+//! is the only file that knows about Python.
+
+pub mod dispatch;
+pub mod error;
+pub mod lars;
+pub mod real;
+pub mod routing;
+pub mod threads;
+pub mod window_mask;
+
+#[cfg(feature = "python")]
+mod python;

@@ -1,0 +1,289 @@
+//! The binding layer: the only file that knows about Python. Each function checks contiguity,
+//! borrows the numpy buffers (zero copy), runs the kernel with the GIL released inside a pool of
+//! the requested size, and returns numpy arrays that torch wraps without copying.
+//! Dtype dispatch is by name (`_f32` / `_f64`); the Python side picks the variant.
+
+use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::dispatch;
+use crate::error::KernelError;
+use crate::lars;
+use crate::routing;
+use crate::threads::with_threads;
+use crate::window_mask;
+
+impl From<KernelError> for PyErr {
+    fn from(e: KernelError) -> PyErr {
+        match e {
+            KernelError::Value(m) => PyValueError::new_err(m),
+            KernelError::Type(m) => PyTypeError::new_err(m),
+        }
+    }
+}
+
+/// Borrows a contiguous slice or raises ValueError naming `arg`.
+macro_rules! slice {
+    ($arr:expr, $arg:expr) => {
+        $arr.as_slice().map_err(|_| PyValueError::new_err(format!("{} must be C-contiguous", $arg)))?
+    };
+}
+
+/// Runs a kernel with the GIL released inside a pool of `threads` threads.
+fn run<R: Send>(py: Python<'_>, threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    py.detach(|| with_threads(threads, f))
+}
+
+type Arr<'py> = Bound<'py, PyArray1<i64>>;
+
+fn i64_array<'py>(py: Python<'py>, v: Vec<i64>) -> Arr<'py> {
+    PyArray1::from_vec(py, v)
+}
+
+macro_rules! float_kernels {
+    ($t:ty, $topk:ident, $topp:ident, $gather:ident, $gather_bw:ident, $combine:ident, $combine_bw:ident, $lars:ident) => {
+        /// Top-k expert indices, flat `[T*k]`.
+        #[pyfunction]
+        fn $topk<'py>(py: Python<'py>, probs: PyReadonlyArray2<'py, $t>, k: usize, threads: usize) -> PyResult<Arr<'py>> {
+            let (t, e) = (probs.shape()[0], probs.shape()[1]);
+            let p = slice!(probs, "probs");
+            let mut out = vec![0i64; t * k];
+            run(py, threads, || routing::topk_route(p, t, e, k, &mut out))?;
+            Ok(i64_array(py, out))
+        }
+
+        /// Top-p expert indices (flat `[T*max_k]`, -1 padded) and counts `[T]`.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments)]
+        fn $topp<'py>(
+            py: Python<'py>,
+            probs: PyReadonlyArray2<'py, $t>,
+            p: f32,
+            min_k: usize,
+            max_k: usize,
+            threads: usize,
+        ) -> PyResult<(Arr<'py>, Arr<'py>)> {
+            let (t, e) = (probs.shape()[0], probs.shape()[1]);
+            let pr = slice!(probs, "probs");
+            let mut idx = vec![0i64; t * max_k];
+            let mut counts = vec![0i64; t];
+            run(py, threads, || routing::topp_route(pr, t, e, p, min_k, max_k, &mut idx, &mut counts))?;
+            Ok((i64_array(py, idx), i64_array(py, counts)))
+        }
+
+        /// `xs[r] = x[row_token[r]]`, flat `[R*d]`.
+        #[pyfunction]
+        fn $gather<'py>(
+            py: Python<'py>,
+            x: PyReadonlyArray2<'py, $t>,
+            row_token: PyReadonlyArray1<'py, i64>,
+            threads: usize,
+        ) -> PyResult<Bound<'py, PyArray1<$t>>> {
+            let (t, d) = (x.shape()[0], x.shape()[1]);
+            let (xv, rt) = (slice!(x, "x"), slice!(row_token, "plan.row_token"));
+            let mut out = vec![0 as $t; rt.len() * d];
+            run(py, threads, || dispatch::gather(xv, t, d, rt, &mut out))?;
+            Ok(PyArray1::from_vec(py, out))
+        }
+
+        /// Backward of gather: per-token sum of its rows, flat `[T*d]`.
+        #[pyfunction]
+        fn $gather_bw<'py>(
+            py: Python<'py>,
+            grad: PyReadonlyArray2<'py, $t>,
+            slot_row: PyReadonlyArray2<'py, i64>,
+            threads: usize,
+        ) -> PyResult<Bound<'py, PyArray1<$t>>> {
+            let (r, d) = (grad.shape()[0], grad.shape()[1]);
+            let t = slot_row.shape()[0];
+            let (g, sr) = (slice!(grad, "grad"), slice!(slot_row, "plan.slot_row"));
+            let mut out = vec![0 as $t; t * d];
+            run(py, threads, || dispatch::gather_backward(g, r, d, sr, t, &mut out))?;
+            Ok(PyArray1::from_vec(py, out))
+        }
+
+        /// `y[t] = sum_j w[t,j] * ys[slot_row[t,j]]`, flat `[T*d]`.
+        #[pyfunction]
+        fn $combine<'py>(
+            py: Python<'py>,
+            ys: PyReadonlyArray2<'py, $t>,
+            weights: PyReadonlyArray2<'py, $t>,
+            slot_row: PyReadonlyArray2<'py, i64>,
+            threads: usize,
+        ) -> PyResult<Bound<'py, PyArray1<$t>>> {
+            let (r, d) = (ys.shape()[0], ys.shape()[1]);
+            let t = slot_row.shape()[0];
+            let (y, w, sr) = (slice!(ys, "ys"), slice!(weights, "weights"), slice!(slot_row, "plan.slot_row"));
+            let mut out = vec![0 as $t; t * d];
+            run(py, threads, || dispatch::combine(y, r, d, w, sr, t, &mut out))?;
+            Ok(PyArray1::from_vec(py, out))
+        }
+
+        /// Backward of combine: (grad_ys flat `[R*d]`, grad_weights flat `[T*K]`).
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments)]
+        fn $combine_bw<'py>(
+            py: Python<'py>,
+            grad: PyReadonlyArray2<'py, $t>,
+            ys: PyReadonlyArray2<'py, $t>,
+            weights: PyReadonlyArray2<'py, $t>,
+            row_token: PyReadonlyArray1<'py, i64>,
+            row_slot: PyReadonlyArray1<'py, i64>,
+            slot_row: PyReadonlyArray2<'py, i64>,
+            threads: usize,
+        ) -> PyResult<(Bound<'py, PyArray1<$t>>, Bound<'py, PyArray1<$t>>)> {
+            let d = ys.shape()[1];
+            let (g, y, w) = (slice!(grad, "grad"), slice!(ys, "ys"), slice!(weights, "weights"));
+            let (rt, rs, sr) =
+                (slice!(row_token, "plan.row_token"), slice!(row_slot, "plan.row_slot"), slice!(slot_row, "plan.slot_row"));
+            let mut gys = vec![0 as $t; y.len()];
+            let mut gw = vec![0 as $t; w.len()];
+            run(py, threads, || dispatch::combine_backward(g, y, w, d, rt, rs, sr, &mut gys, &mut gw))?;
+            Ok((PyArray1::from_vec(py, gys), PyArray1::from_vec(py, gw)))
+        }
+
+        /// LARS / bidirectional scaling of flat gradient buffers in place; returns unit ratios.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments)]
+        fn $lars<'py>(
+            py: Python<'py>,
+            weights: &Bound<'py, PyList>,
+            grads: &Bound<'py, PyList>,
+            unit: Vec<usize>,
+            n_units: usize,
+            mode: &str,
+            options: (f64, f64, f64, Option<(f64, f64)>, f64, f64, f64),
+            threads: usize,
+        ) -> PyResult<Vec<f64>> {
+            let (eta, weight_decay, eps, clip, target, lo, hi) = options;
+            let mode = match mode {
+                "lars" => lars::Mode::Lars { eta, weight_decay, eps, clip },
+                "bidirectional" => lars::Mode::Bidirectional { target, lo, hi, eps },
+                other => return Err(PyValueError::new_err(format!("mode must be 'lars' or 'bidirectional', got {other:?}"))),
+            };
+            let ws: Vec<PyReadonlyArray1<'py, $t>> =
+                weights.iter().map(|o| o.extract().map_err(|_| PyTypeError::new_err("params: each weight must be a contiguous float array"))).collect::<PyResult<_>>()?;
+            // Borrowing each gradient mutably also rejects the same buffer listed twice.
+            let mut gs: Vec<PyReadwriteArray1<'py, $t>> = grads
+                .iter()
+                .map(|o| o.extract().map_err(|_| PyValueError::new_err("params: each gradient must be a distinct writable array")))
+                .collect::<PyResult<_>>()?;
+            let wsl: Vec<&[$t]> = ws.iter().map(|a| Ok(slice!(a, "params (weight)"))).collect::<PyResult<_>>()?;
+            let mut gsl: Vec<&mut [$t]> = gs
+                .iter_mut()
+                .map(|a| a.as_slice_mut().map_err(|_| PyValueError::new_err("params (gradient) must be C-contiguous")))
+                .collect::<PyResult<_>>()?;
+            Ok(run(py, threads, || lars::scale_grads(&wsl, &mut gsl, &unit, n_units, mode))?)
+        }
+    };
+}
+
+float_kernels!(f32, topk_route_f32, topp_route_f32, gather_f32, gather_backward_f32, combine_f32, combine_backward_f32, lars_f32);
+float_kernels!(f64, topk_route_f64, topp_route_f64, gather_f64, gather_backward_f64, combine_f64, combine_backward_f64, lars_f64);
+
+/// Dispatch plan: (counts, offsets, row_token, row_slot, slot_row flat `[T*K]`, dropped).
+#[pyfunction]
+#[pyo3(signature = (idx, num_experts, capacity, threads))]
+#[allow(clippy::type_complexity)]
+fn dispatch_plan<'py>(
+    py: Python<'py>,
+    idx: PyReadonlyArray2<'py, i64>,
+    num_experts: usize,
+    capacity: Option<usize>,
+    threads: usize,
+) -> PyResult<(Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>, i64)> {
+    let (t, k) = (idx.shape()[0], idx.shape()[1]);
+    let ix = slice!(idx, "idx");
+    let p = run(py, threads, || dispatch::dispatch_plan(ix, t, k, num_experts, capacity))?;
+    Ok((
+        i64_array(py, p.counts),
+        i64_array(py, p.offsets),
+        i64_array(py, p.row_token),
+        i64_array(py, p.row_slot),
+        i64_array(py, p.slot_row),
+        p.dropped,
+    ))
+}
+
+/// Sliding-window mask, flat bool `[B*q_len*k_len]`; `window = 0` means unbounded.
+#[pyfunction]
+#[pyo3(signature = (q_len, k_len, window, doc_ids, threads))]
+fn sliding_window_mask<'py>(
+    py: Python<'py>,
+    q_len: usize,
+    k_len: usize,
+    window: usize,
+    doc_ids: Option<PyReadonlyArray2<'py, i64>>,
+    threads: usize,
+) -> PyResult<Bound<'py, PyArray1<bool>>> {
+    let w = if window == 0 { usize::MAX } else { window };
+    let docs = match &doc_ids {
+        Some(a) => Some(slice!(a, "doc_ids")),
+        None => None,
+    };
+    let b = doc_ids.as_ref().map_or(1, |a| a.shape()[0]);
+    let mut out = vec![false; b * q_len * k_len];
+    run(py, threads, || window_mask::window_mask(q_len, k_len, w, docs, &mut out))?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+/// Tile summary, flat int8 `[B*nq*nk]` of TILE_EMPTY/PARTIAL/FULL; `window = 0` means unbounded.
+#[pyfunction]
+#[pyo3(signature = (q_len, k_len, window, doc_ids, block_q, block_k, threads))]
+#[allow(clippy::too_many_arguments)]
+fn sliding_window_tiles<'py>(
+    py: Python<'py>,
+    q_len: usize,
+    k_len: usize,
+    window: usize,
+    doc_ids: Option<PyReadonlyArray2<'py, i64>>,
+    block_q: usize,
+    block_k: usize,
+    threads: usize,
+) -> PyResult<Bound<'py, PyArray1<i8>>> {
+    let w = if window == 0 { usize::MAX } else { window };
+    let docs = match &doc_ids {
+        Some(a) => Some(slice!(a, "doc_ids")),
+        None => None,
+    };
+    let b = doc_ids.as_ref().map_or(1, |a| a.shape()[0]);
+    let n = b * q_len.div_ceil(block_q.max(1)) * k_len.div_ceil(block_k.max(1));
+    let mut out = vec![0i8; n];
+    run(py, threads, || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, &mut out))?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+/// The number of threads a call asking for `requested` gets (RAYON_NUM_THREADS overrides).
+#[pyfunction]
+fn resolve_threads(requested: usize) -> usize {
+    crate::threads::resolve_threads(requested)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("TILE_EMPTY", window_mask::TILE_EMPTY)?;
+    m.add("TILE_PARTIAL", window_mask::TILE_PARTIAL)?;
+    m.add("TILE_FULL", window_mask::TILE_FULL)?;
+    m.add_function(wrap_pyfunction!(topk_route_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(topk_route_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(topp_route_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(topp_route_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(dispatch_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(gather_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(gather_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(gather_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(gather_backward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(combine_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(combine_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(combine_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(combine_backward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(lars_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(lars_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(sliding_window_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(sliding_window_tiles, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! Thread pools sized per call. Python passes `torch.get_num_threads()`; `RAYON_NUM_THREADS`, when
+//! set, overrides it. Pools are built once per size and kept, so a call costs no thread start-up.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+fn pools() -> &'static Mutex<HashMap<usize, Arc<ThreadPool>>> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<ThreadPool>>>> = OnceLock::new();
+    POOLS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The number of threads a call asking for `requested` threads gets.
+pub fn resolve_threads(requested: usize) -> usize {
+    let from_env = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    from_env.unwrap_or(requested).max(1)
+}
+
+/// Runs `f` inside a rayon pool of `resolve_threads(requested)` threads.
+pub fn with_threads<R: Send>(requested: usize, f: impl FnOnce() -> R + Send) -> R {
+    let n = resolve_threads(requested);
+    let pool = {
+        // A poisoned lock only means another thread panicked while inserting; the map is still valid.
+        let mut map = pools().lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(n)
+            .or_insert_with(|| {
+                Arc::new(
+                    ThreadPoolBuilder::new()
+                        .num_threads(n)
+                        .thread_name(|i| format!("moerust-{i}"))
+                        .build()
+                        .expect("failed to start a rayon thread pool"),
+                )
+            })
+            .clone()
+    };
+    pool.install(f)
+}
+
+/// Rows per parallel task so that each task does at least `min_work` element operations.
+pub fn rows_per_task(rows: usize, work_per_row: usize, min_work: usize) -> usize {
+    let by_work = min_work.div_ceil(work_per_row.max(1));
+    let threads = rayon::current_num_threads().max(1);
+    // Several tasks per thread so uneven rows still balance.
+    let by_balance = rows.div_ceil(threads * 4);
+    by_work.max(by_balance).max(1)
+}
