@@ -4,18 +4,21 @@
 use std::fmt;
 
 /// A kernel refused its input. The message names the offending argument.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum KernelError {
     /// The argument has the right type but a bad value (shape, range, NaN, ...).
     Value(String),
     /// The argument has the wrong type or dtype.
     Type(String),
+    /// A gradient norm is NaN or infinite; `unit` is the tensor (or group) it belongs to.
+    NonFinite { unit: usize, norm: f64 },
 }
 
 impl fmt::Display for KernelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KernelError::Value(m) | KernelError::Type(m) => f.write_str(m),
+            KernelError::NonFinite { unit, norm } => write!(f, "unit {unit}: gradient norm is not finite ({norm})"),
         }
     }
 }

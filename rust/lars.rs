@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{value_err, KResult};
+use crate::error::{value_err, KResult, KernelError};
 use crate::real::Real;
 
 /// How the per-unit ratio is computed.
@@ -98,7 +98,7 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
     for (u, &(ws, gs)) in unit_sq.iter().enumerate() {
         let (wn, gn) = (ws.sqrt(), gs.sqrt());
         if !gn.is_finite() {
-            return value_err(format!("unit {u}: gradient norm is not finite ({gn})"));
+            return Err(KernelError::NonFinite { unit: u, norm: gn });
         }
         ratios.push(ratio(mode, wn, gn));
     }

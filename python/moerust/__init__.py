@@ -1,0 +1,20 @@
+"""moerust: Mixture-of-Experts language models on ordinary machines.
+
+Hot kernels are Rust (``moerust._native``) with pure-torch twins of identical semantics; see
+:mod:`moerust.ops`. Switch implementations with :func:`set_backend` / :func:`use_backend` or the
+``MOERUST_BACKEND`` environment variable.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import ops
+from ._backend import get_backend, native_available, set_backend, use_backend
+
+try:
+    __version__ = version("moerust")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+source"
+
+__all__ = ["__version__", "get_backend", "native_available", "ops", "set_backend", "use_backend"]

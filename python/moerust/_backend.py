@@ -1,0 +1,107 @@
+"""Which implementation runs the kernels: the Rust extension or the pure-torch twins.
+
+The choice is global (plus a context manager for scoped changes). ``MOERUST_BACKEND`` sets the
+starting value; without it moerust uses Rust whenever the extension is importable. Even with the
+Rust backend selected, inputs Rust does not handle (CUDA tensors, bfloat16/float16) run on the torch
+twins automatically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from types import ModuleType
+from typing import Iterator, Optional
+
+import torch
+
+try:
+    from . import _native as _native_module
+
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # pragma: no cover - exercised only without a built extension
+    _native_module = None  # type: ignore[assignment]
+    _IMPORT_ERROR = exc
+
+BACKENDS = ("rust", "torch")
+RUST_DTYPES = (torch.float32, torch.float64)
+
+_lock = threading.Lock()
+_backend: Optional[str] = None
+
+
+def native_available() -> bool:
+    """Whether the compiled Rust extension ``moerust._native`` could be imported."""
+    return _native_module is not None
+
+
+def native() -> ModuleType:
+    """The Rust extension module; raises RuntimeError explaining why it is missing."""
+    if _native_module is None:
+        raise RuntimeError(
+            "the Rust extension moerust._native is not available "
+            f"({_IMPORT_ERROR}); reinstall moerust from a wheel or with `pip install .`"
+        )
+    return _native_module
+
+
+def _check_name(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    name = name.lower()
+    if name == "rust":
+        native()  # raises a clear error when the extension is missing
+    return name
+
+
+def get_backend() -> str:
+    """The active backend: ``"rust"`` or ``"torch"``."""
+    global _backend
+    if _backend is None:
+        with _lock:
+            if _backend is None:
+                env = os.environ.get("MOERUST_BACKEND")
+                if env:
+                    _backend = _check_name(env, "MOERUST_BACKEND")
+                else:
+                    _backend = "rust" if native_available() else "torch"
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Selects the backend for all later calls (``"rust"`` or ``"torch"``).
+
+    Raises ValueError for an unknown name and RuntimeError when ``"rust"`` is asked for but the
+    extension is missing.
+    """
+    global _backend
+    checked = _check_name(name, "name")
+    with _lock:
+        _backend = checked
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the enclosed code with backend ``name``, then restore the previous one."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def rust_handles(*tensors: torch.Tensor) -> bool:
+    """Whether the Rust kernels should run for these tensors under the active backend."""
+    if get_backend() != "rust":
+        return False
+    if any(t.device.type != "cpu" for t in tensors):
+        return False
+    float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    return len(float_dtypes) <= 1 and float_dtypes <= set(RUST_DTYPES)
+
+
+def num_threads() -> int:
+    """Threads for a Rust call: torch's intra-op setting (``RAYON_NUM_THREADS`` overrides in Rust)."""
+    return max(1, torch.get_num_threads())

@@ -1,0 +1,30 @@
+"""moerust's kernels. Each op runs in Rust for CPU float32/float64 tensors under the "rust" backend
+and as a pure-torch twin with identical semantics otherwise (CUDA tensors, bfloat16/float16, the
+"torch" backend or a missing extension).
+
+* :func:`topk_route`, :func:`topp_route`: expert selection.
+* :func:`dispatch_plan` -> :class:`Plan`, :func:`gather`, :func:`combine`: token <-> expert
+  reordering (gather and combine are differentiable custom ops).
+* :func:`lars_`: in-place LARS / bidirectional gradient scaling.
+* :func:`sliding_window_mask`, :func:`sliding_window_tiles`: windowed attention masks.
+"""
+
+from .dispatch import Plan, combine, dispatch_plan, gather
+from .lars import lars_
+from .routing import topk_route, topp_route
+from .window import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, sliding_window_mask, sliding_window_tiles
+
+__all__ = [
+    "Plan",
+    "TILE_EMPTY",
+    "TILE_FULL",
+    "TILE_PARTIAL",
+    "combine",
+    "dispatch_plan",
+    "gather",
+    "lars_",
+    "sliding_window_mask",
+    "sliding_window_tiles",
+    "topk_route",
+    "topp_route",
+]
