@@ -111,7 +111,7 @@ def sliding_window_tiles(
     b = mask.shape[0]
 
     def tiles(padded: torch.Tensor) -> torch.Tensor:
-        return padded.view(b, nq, block_q, nk, block_k).transpose(2, 3).reshape(b, nq, nk, -1)
+        return padded.view(b, nq, block_q, nk, block_k).transpose(2, 3).reshape(b, nq, nk, block_q * block_k)
 
     any_visible = tiles(torch.nn.functional.pad(mask, pad, value=False)).any(-1)
     all_visible = tiles(torch.nn.functional.pad(mask, pad, value=True)).all(-1)
