@@ -1,0 +1,155 @@
+"""Backend switching, automatic fallbacks, threads and concurrency."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import moerust
+from moerust import _backend, ops
+
+
+def test_native_module_is_built() -> None:
+    # Tests that need Rust are never skipped: the extension must be there.
+    assert moerust.native_available()
+    assert _backend.native().__file__
+
+
+def test_switching_backends() -> None:
+    with moerust.use_backend("torch"):
+        assert moerust.get_backend() == "torch"
+        with moerust.use_backend("rust"):
+            assert moerust.get_backend() == "rust"
+        assert moerust.get_backend() == "torch"
+
+
+def test_environment_variable_selects_backend() -> None:
+    code = "import moerust; print(moerust.get_backend())"
+    env = dict(os.environ, MOERUST_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["MOERUST_BACKEND"] = "fortran"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "MOERUST_BACKEND" in bad.stderr
+
+
+def test_rust_requested_without_extension_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_backend, "_native_module", None)
+    monkeypatch.setattr(_backend, "_IMPORT_ERROR", ImportError("simulated"))
+    assert not moerust.native_available()
+    with pytest.raises(RuntimeError, match="not available"):
+        moerust.set_backend("rust")
+
+
+def test_rust_runs_for_cpu_float_and_torch_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = _backend.native
+
+    def spy():  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(_backend, "native", spy)
+    probs = torch.softmax(torch.randn(8, 4), -1)
+    with moerust.use_backend("rust"):
+        calls.clear()
+        ops.topk_route(probs, 2)
+        assert len(calls) == 1
+        ops.topk_route(probs.to(torch.bfloat16), 2)  # falls back to torch
+        assert len(calls) == 1
+    with moerust.use_backend("torch"):
+        calls.clear()
+        ops.topk_route(probs, 2)
+        assert calls == []
+
+
+def test_rayon_threads_env_overrides() -> None:
+    code = "from moerust import _native; print(_native.resolve_threads(7))"
+    env = dict(os.environ, RAYON_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
+    env.pop("RAYON_NUM_THREADS")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "7"
+
+
+def test_ops_from_four_threads_at_once() -> None:
+    probs = torch.softmax(torch.randn(20000, 16), -1)
+    x = torch.randn(20000, 32)
+
+    def job(seed: int):  # type: ignore[no-untyped-def]
+        idx = ops.topk_route(probs, 2)
+        pidx, counts = ops.topp_route(probs, 0.5)
+        plan = ops.dispatch_plan(idx, 16, capacity=3000)
+        w = probs.gather(1, idx)
+        y = ops.combine(ops.gather(x, plan), w, plan)
+        mask = ops.sliding_window_mask(256, 512, 64)
+        return idx, pidx, counts, plan.slot_row, y, mask
+
+    with moerust.use_backend("rust"):
+        expected = job(0)
+        barrier = threading.Barrier(4)
+
+        def run(seed: int):  # type: ignore[no-untyped-def]
+            barrier.wait()
+            return [job(seed) for _ in range(3)]
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(run, range(4)))
+    for per_thread in results:
+        for got in per_thread:
+            for a, b in zip(got, expected):
+                assert torch.equal(a, b)
+
+
+def test_lars_from_four_threads_at_once() -> None:
+    sources = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        sources.append([(torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)) for _ in range(3)])
+
+    def run(seed: int):  # type: ignore[no-untyped-def]
+        params = []
+        for w, grad in sources[seed]:
+            p = torch.nn.Parameter(w.clone())
+            p.grad = grad.clone()
+            params.append(p)
+        with moerust.use_backend("rust"):
+            ratios = ops.lars_(params, weight_decay=0.01)
+        return ratios, [p.grad for p in params]
+
+    expected = [run(s) for s in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, range(4)))
+    for (ra, ga), (rb, gb) in zip(got, expected):
+        assert torch.equal(ra, rb)
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+def test_cuda_tensors_use_torch_twins() -> None:
+    probs = torch.softmax(torch.randn(64, 8, device="cuda"), -1)
+    with moerust.use_backend("rust"):
+        idx = ops.topk_route(probs, 2)
+        pidx, counts = ops.topp_route(probs, 0.5)
+        plan = ops.dispatch_plan(idx, 8, capacity=20)
+        x = torch.randn(64, 16, device="cuda", requires_grad=True)
+        w = probs.gather(1, idx).requires_grad_()
+        y = ops.combine(ops.gather(x, plan), w, plan)
+        y.sum().backward()
+        mask = ops.sliding_window_mask(8, 8, 3, device="cuda")
+        tiles = ops.sliding_window_tiles(8, 8, 3, block_q=4, block_k=4, device="cuda")
+    assert idx.is_cuda and plan.slot_row.is_cuda and y.is_cuda and x.grad.is_cuda and mask.is_cuda and tiles.is_cuda
+    cpu_idx = ops.topk_route(probs.cpu(), 2)
+    assert torch.equal(idx.cpu(), cpu_idx)
+    cpu_plan = ops.dispatch_plan(cpu_idx, 8, capacity=20)
+    assert torch.equal(plan.slot_row.cpu(), cpu_plan.slot_row)
+    model = torch.nn.Linear(8, 8).cuda()
+    model(torch.randn(4, 8, device="cuda")).sum().backward()
+    assert ops.lars_(model.parameters()).shape == (2,)
