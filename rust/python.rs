@@ -3,7 +3,7 @@
 //! the requested size, and returns numpy arrays that torch wraps without copying.
 //! Dtype dispatch is by name (`_f32` / `_f64`); the Python side picks the variant.
 
-use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
@@ -33,6 +33,13 @@ macro_rules! slice {
     };
 }
 
+/// Borrows a contiguous mutable slice or raises ValueError naming `arg`.
+macro_rules! slice_mut {
+    ($arr:expr, $arg:expr) => {
+        $arr.as_slice_mut().map_err(|_| PyValueError::new_err(format!("{} must be C-contiguous", $arg)))?
+    };
+}
+
 /// Runs a kernel with the GIL released inside a pool of `threads` threads.
 fn run<R: Send>(py: Python<'_>, threads: usize, f: impl FnOnce() -> R + Send) -> R {
     py.detach(|| with_threads(threads, f))
@@ -46,84 +53,81 @@ fn i64_array<'py>(py: Python<'py>, v: Vec<i64>) -> Arr<'py> {
 
 macro_rules! float_kernels {
     ($t:ty, $topk:ident, $topp:ident, $gather:ident, $gather_bw:ident, $combine:ident, $combine_bw:ident, $lars:ident) => {
-        /// Top-k expert indices, flat `[T*k]`.
+        /// Top-k expert indices into `out [T, k]`.
         #[pyfunction]
-        fn $topk<'py>(py: Python<'py>, probs: PyReadonlyArray2<'py, $t>, k: usize, threads: usize) -> PyResult<Arr<'py>> {
-            let (t, e) = (probs.shape()[0], probs.shape()[1]);
+        fn $topk<'py>(py: Python<'py>, probs: PyReadonlyArray2<'py, $t>, mut out: PyReadwriteArray2<'py, i64>, threads: usize) -> PyResult<()> {
+            let (t, e, k) = (probs.shape()[0], probs.shape()[1], out.shape()[1]);
             let p = slice!(probs, "probs");
-            let mut out = vec![0i64; t * k];
-            run(py, threads, || routing::topk_route(p, t, e, k, &mut out))?;
-            Ok(i64_array(py, out))
+            let o = slice_mut!(out, "out");
+            Ok(run(py, threads, || routing::topk_route(p, t, e, k, o))?)
         }
 
-        /// Top-p expert indices (flat `[T*max_k]`, -1 padded) and counts `[T]`.
+        /// Top-p expert indices into `idx [T, max_k]` (-1 padded) and `counts [T]`.
         #[pyfunction]
-        #[allow(clippy::too_many_arguments)]
         fn $topp<'py>(
             py: Python<'py>,
             probs: PyReadonlyArray2<'py, $t>,
             p: f32,
             min_k: usize,
-            max_k: usize,
+            mut idx: PyReadwriteArray2<'py, i64>,
+            mut counts: PyReadwriteArray1<'py, i64>,
             threads: usize,
-        ) -> PyResult<(Arr<'py>, Arr<'py>)> {
-            let (t, e) = (probs.shape()[0], probs.shape()[1]);
+        ) -> PyResult<()> {
+            let (t, e, max_k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
             let pr = slice!(probs, "probs");
-            let mut idx = vec![0i64; t * max_k];
-            let mut counts = vec![0i64; t];
-            run(py, threads, || routing::topp_route(pr, t, e, p, min_k, max_k, &mut idx, &mut counts))?;
-            Ok((i64_array(py, idx), i64_array(py, counts)))
+            let (ix, c) = (slice_mut!(idx, "idx"), slice_mut!(counts, "counts"));
+            Ok(run(py, threads, || routing::topp_route(pr, t, e, p, min_k, max_k, ix, c))?)
         }
 
-        /// `xs[r] = x[row_token[r]]`, flat `[R*d]`.
+        /// `out[r] = x[row_token[r]]` into `out [R, d]`.
         #[pyfunction]
         fn $gather<'py>(
             py: Python<'py>,
             x: PyReadonlyArray2<'py, $t>,
             row_token: PyReadonlyArray1<'py, i64>,
+            mut out: PyReadwriteArray2<'py, $t>,
             threads: usize,
-        ) -> PyResult<Bound<'py, PyArray1<$t>>> {
+        ) -> PyResult<()> {
             let (t, d) = (x.shape()[0], x.shape()[1]);
             let (xv, rt) = (slice!(x, "x"), slice!(row_token, "plan.row_token"));
-            let mut out = vec![0 as $t; rt.len() * d];
-            run(py, threads, || dispatch::gather(xv, t, d, rt, &mut out))?;
-            Ok(PyArray1::from_vec(py, out))
+            let o = slice_mut!(out, "out");
+            Ok(run(py, threads, || dispatch::gather(xv, t, d, rt, o))?)
         }
 
-        /// Backward of gather: per-token sum of its rows, flat `[T*d]`.
+        /// Backward of gather (per-token sum of its rows in slot order) into `out [T, d]`.
         #[pyfunction]
         fn $gather_bw<'py>(
             py: Python<'py>,
             grad: PyReadonlyArray2<'py, $t>,
             slot_row: PyReadonlyArray2<'py, i64>,
+            mut out: PyReadwriteArray2<'py, $t>,
             threads: usize,
-        ) -> PyResult<Bound<'py, PyArray1<$t>>> {
+        ) -> PyResult<()> {
             let (r, d) = (grad.shape()[0], grad.shape()[1]);
             let t = slot_row.shape()[0];
             let (g, sr) = (slice!(grad, "grad"), slice!(slot_row, "plan.slot_row"));
-            let mut out = vec![0 as $t; t * d];
-            run(py, threads, || dispatch::gather_backward(g, r, d, sr, t, &mut out))?;
-            Ok(PyArray1::from_vec(py, out))
+            let o = slice_mut!(out, "out");
+            Ok(run(py, threads, || dispatch::gather_backward(g, r, d, sr, t, o))?)
         }
 
-        /// `y[t] = sum_j w[t,j] * ys[slot_row[t,j]]`, flat `[T*d]`.
+        /// `out[t] = sum_j w[t,j] * ys[slot_row[t,j]]` into `out [T, d]`.
         #[pyfunction]
         fn $combine<'py>(
             py: Python<'py>,
             ys: PyReadonlyArray2<'py, $t>,
             weights: PyReadonlyArray2<'py, $t>,
             slot_row: PyReadonlyArray2<'py, i64>,
+            mut out: PyReadwriteArray2<'py, $t>,
             threads: usize,
-        ) -> PyResult<Bound<'py, PyArray1<$t>>> {
+        ) -> PyResult<()> {
             let (r, d) = (ys.shape()[0], ys.shape()[1]);
             let t = slot_row.shape()[0];
             let (y, w, sr) = (slice!(ys, "ys"), slice!(weights, "weights"), slice!(slot_row, "plan.slot_row"));
-            let mut out = vec![0 as $t; t * d];
-            run(py, threads, || dispatch::combine(y, r, d, w, sr, t, &mut out))?;
-            Ok(PyArray1::from_vec(py, out))
+            let o = slice_mut!(out, "out");
+            Ok(run(py, threads, || dispatch::combine(y, r, d, w, sr, t, o))?)
         }
 
-        /// Backward of combine: (grad_ys flat `[R*d]`, grad_weights flat `[T*K]`).
+        /// Backward of combine into `grad_ys [R, d]` and `grad_w [T, K]`.
         #[pyfunction]
         #[allow(clippy::too_many_arguments)]
         fn $combine_bw<'py>(
@@ -134,16 +138,16 @@ macro_rules! float_kernels {
             row_token: PyReadonlyArray1<'py, i64>,
             row_slot: PyReadonlyArray1<'py, i64>,
             slot_row: PyReadonlyArray2<'py, i64>,
+            mut grad_ys: PyReadwriteArray2<'py, $t>,
+            mut grad_w: PyReadwriteArray2<'py, $t>,
             threads: usize,
-        ) -> PyResult<(Bound<'py, PyArray1<$t>>, Bound<'py, PyArray1<$t>>)> {
+        ) -> PyResult<()> {
             let d = ys.shape()[1];
             let (g, y, w) = (slice!(grad, "grad"), slice!(ys, "ys"), slice!(weights, "weights"));
             let (rt, rs, sr) =
                 (slice!(row_token, "plan.row_token"), slice!(row_slot, "plan.row_slot"), slice!(slot_row, "plan.slot_row"));
-            let mut gys = vec![0 as $t; y.len()];
-            let mut gw = vec![0 as $t; w.len()];
-            run(py, threads, || dispatch::combine_backward(g, y, w, d, rt, rs, sr, &mut gys, &mut gw))?;
-            Ok((PyArray1::from_vec(py, gys), PyArray1::from_vec(py, gw)))
+            let (gys, gw) = (slice_mut!(grad_ys, "grad_ys"), slice_mut!(grad_w, "grad_w"));
+            Ok(run(py, threads, || dispatch::combine_backward(g, y, w, d, rt, rs, sr, gys, gw))?)
         }
 
         /// LARS / bidirectional scaling of flat gradient buffers in place; returns unit ratios.
@@ -209,31 +213,30 @@ fn dispatch_plan<'py>(
     ))
 }
 
-/// Sliding-window mask, flat bool `[B*q_len*k_len]`; `window = 0` means unbounded.
+/// Sliding-window mask into `out [B*q_len, k_len]` (bool); `window = 0` means unbounded.
 #[pyfunction]
-#[pyo3(signature = (q_len, k_len, window, doc_ids, threads))]
+#[pyo3(signature = (q_len, k_len, window, doc_ids, out, threads))]
 fn sliding_window_mask<'py>(
     py: Python<'py>,
     q_len: usize,
     k_len: usize,
     window: usize,
     doc_ids: Option<PyReadonlyArray2<'py, i64>>,
+    mut out: PyReadwriteArray1<'py, bool>,
     threads: usize,
-) -> PyResult<Bound<'py, PyArray1<bool>>> {
+) -> PyResult<()> {
     let w = if window == 0 { usize::MAX } else { window };
     let docs = match &doc_ids {
         Some(a) => Some(slice!(a, "doc_ids")),
         None => None,
     };
-    let b = doc_ids.as_ref().map_or(1, |a| a.shape()[0]);
-    let mut out = vec![false; b * q_len * k_len];
-    run(py, threads, || window_mask::window_mask(q_len, k_len, w, docs, &mut out))?;
-    Ok(PyArray1::from_vec(py, out))
+    let o = slice_mut!(out, "out");
+    Ok(run(py, threads, || window_mask::window_mask(q_len, k_len, w, docs, o))?)
 }
 
-/// Tile summary, flat int8 `[B*nq*nk]` of TILE_EMPTY/PARTIAL/FULL; `window = 0` means unbounded.
+/// Tile summary into `out [B*nq*nk]` (int8 TILE_*); `window = 0` means unbounded.
 #[pyfunction]
-#[pyo3(signature = (q_len, k_len, window, doc_ids, block_q, block_k, threads))]
+#[pyo3(signature = (q_len, k_len, window, doc_ids, block_q, block_k, out, threads))]
 #[allow(clippy::too_many_arguments)]
 fn sliding_window_tiles<'py>(
     py: Python<'py>,
@@ -243,18 +246,16 @@ fn sliding_window_tiles<'py>(
     doc_ids: Option<PyReadonlyArray2<'py, i64>>,
     block_q: usize,
     block_k: usize,
+    mut out: PyReadwriteArray1<'py, i8>,
     threads: usize,
-) -> PyResult<Bound<'py, PyArray1<i8>>> {
+) -> PyResult<()> {
     let w = if window == 0 { usize::MAX } else { window };
     let docs = match &doc_ids {
         Some(a) => Some(slice!(a, "doc_ids")),
         None => None,
     };
-    let b = doc_ids.as_ref().map_or(1, |a| a.shape()[0]);
-    let n = b * q_len.div_ceil(block_q.max(1)) * k_len.div_ceil(block_k.max(1));
-    let mut out = vec![0i8; n];
-    run(py, threads, || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, &mut out))?;
-    Ok(PyArray1::from_vec(py, out))
+    let o = slice_mut!(out, "out");
+    Ok(run(py, threads, || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o))?)
 }
 
 /// The number of threads a call asking for `requested` gets (RAYON_NUM_THREADS overrides).

@@ -9,19 +9,13 @@ use crate::error::{check_len, value_err, KResult};
 use crate::real::Real;
 use crate::threads::rows_per_task;
 
-/// Whether (va, ia) ranks before (vb, ib): larger value first, then lower index.
-#[inline(always)]
-fn ranks_before<F: Real>(va: F, ia: usize, vb: F, ib: usize) -> bool {
-    va > vb || (va == vb && ia < ib)
-}
-
 fn nan_error<T>(row: usize) -> KResult<T> {
     value_err(format!("probs contains NaN (row {row})"))
 }
 
 /// Writes the indices of the `k` largest entries of each row of `probs[t, e]` into `out[t, k]`,
 /// ordered by descending value, ties by lower index. NaN anywhere is an error.
-pub fn topk_route<F: Real>(probs: &[F], t: usize, e: usize, k: usize, out: &mut [i64]) -> KResult<()> {
+pub fn topk_route<F: RankKey>(probs: &[F], t: usize, e: usize, k: usize, out: &mut [i64]) -> KResult<()> {
     check_len("probs", probs.len(), t * e)?;
     check_len("out", out.len(), t * k)?;
     if k < 1 || k > e {
@@ -35,42 +29,127 @@ pub fn topk_route<F: Real>(probs: &[F], t: usize, e: usize, k: usize, out: &mut 
         .zip(probs.par_chunks(rows * e))
         .enumerate()
         .try_for_each(|(chunk, (out, probs))| {
-            // Sorted buffer of the best k seen so far: (value, index).
-            let mut best: Vec<(F, usize)> = Vec::with_capacity(k);
+            // The best k keys so far, in descending order; most candidates lose to the last one.
+            let mut best: Vec<F::Key> = vec![F::MIN_KEY; k];
             for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)).enumerate() {
-                best.clear();
+                let mut len = 0usize;
+                best.fill(F::MIN_KEY);
                 for (j, &v) in row.iter().enumerate() {
                     if v.is_nan() {
                         return nan_error(chunk * rows + r);
                     }
-                    if best.len() == k {
-                        let (lv, li) = best[k - 1];
-                        if !ranks_before(v, j, lv, li) {
+                    let mut key = F::key(v, j);
+                    if k <= BRANCHLESS_K {
+                        // Compare-exchange down the buffer: no data-dependent branches, so random
+                        // rows cost no mispredictions. Unfilled places hold the minimum key.
+                        for b in best.iter_mut() {
+                            let hi = (*b).max(key);
+                            key = (*b).min(key);
+                            *b = hi;
+                        }
+                        len = (len + 1).min(k);
+                        continue;
+                    }
+                    if len == k {
+                        if key <= best[k - 1] {
                             continue;
                         }
-                        best.pop();
+                    } else {
+                        len += 1;
                     }
-                    // Insertion point: after every element that ranks before (v, j).
-                    let pos = best.partition_point(|&(bv, bi)| ranks_before(bv, bi, v, j));
-                    best.insert(pos, (v, j));
+                    // Shift smaller keys down one place (dropping the last when full), then insert.
+                    let mut pos = len - 1;
+                    while pos > 0 && best[pos - 1] < key {
+                        best[pos] = best[pos - 1];
+                        pos -= 1;
+                    }
+                    best[pos] = key;
                 }
-                for (d, &(_, j)) in dst.iter_mut().zip(best.iter()) {
-                    *d = j as i64;
+                for (d, &key) in dst.iter_mut().zip(&best[..len]) {
+                    *d = F::index(key) as i64;
                 }
             }
             Ok(())
         })
 }
 
-/// Steps done by linear scans before the rest of a row is sorted (top-p usually keeps few experts).
-const SCAN_STEPS: usize = 8;
+/// A sort key that orders (value, index) pairs: a larger key ranks first (larger value, then
+/// lower index). Defined for every non-NaN value: the IEEE bits are mapped to an unsigned integer
+/// that is monotone in the value (negative values have all bits flipped, others the sign bit set),
+/// after `+ 0.0` has turned -0.0 into +0.0 so both zeros tie.
+pub trait RankKey: Real {
+    /// The integer key type.
+    type Key: Copy + Ord + Send;
+    /// A key below every real key.
+    const MIN_KEY: Self::Key;
+    /// Key of value `v` (>= 0, not NaN) at index `j`.
+    fn key(v: Self, j: usize) -> Self::Key;
+    /// The index stored in a key.
+    fn index(k: Self::Key) -> usize;
+}
+
+impl RankKey for f32 {
+    type Key = u64;
+    const MIN_KEY: u64 = 0;
+    #[inline(always)]
+    fn key(v: f32, j: usize) -> u64 {
+        let b = (v + 0.0).to_bits();
+        let m = if b >> 31 == 1 { !b } else { b | (1 << 31) };
+        ((m as u64) << 32) | (u32::MAX - j as u32) as u64
+    }
+    #[inline(always)]
+    fn index(k: u64) -> usize {
+        (u32::MAX - (k & 0xffff_ffff) as u32) as usize
+    }
+}
+
+impl RankKey for f64 {
+    type Key = u128;
+    const MIN_KEY: u128 = 0;
+    #[inline(always)]
+    fn key(v: f64, j: usize) -> u128 {
+        let b = (v + 0.0).to_bits();
+        let m = if b >> 63 == 1 { !b } else { b | (1 << 63) };
+        ((m as u128) << 64) | (u64::MAX - j as u64) as u128
+    }
+    #[inline(always)]
+    fn index(k: u128) -> usize {
+        (u64::MAX - (k & 0xffff_ffff_ffff_ffff) as u64) as usize
+    }
+}
+
+/// Largest k served by the branch-free compare-exchange buffer.
+const BRANCHLESS_K: usize = 4;
+
+/// Heap pops before the rest of a row is sorted instead.
+const HEAP_POPS: usize = 3;
+
+/// Restores the max-heap property below `i` in `heap`.
+#[inline]
+fn sift_down<K: Ord + Copy>(heap: &mut [K], mut i: usize) {
+    let n = heap.len();
+    loop {
+        let l = 2 * i + 1;
+        if l >= n {
+            return;
+        }
+        let c = if l + 1 < n && heap[l + 1] > heap[l] { l + 1 } else { l };
+        if heap[c] <= heap[i] {
+            return;
+        }
+        heap.swap(i, c);
+        i = c;
+    }
+}
 
 /// Top-p selection. For each row of `probs[t, e]` (non-negative, no NaN), walk the experts in
 /// descending order and keep the one at rank r iff the float32 sum of the probabilities ranked
 /// before it is <= p (as float32); then clamp the count to [min_k, max_k]. Writes the kept experts
 /// to `idx[t, max_k]` (unused slots -1) and their number to `counts[t]`.
+///
+/// Each row is heapified in O(E) and popped only as far as needed, O(E + kept * log E).
 #[allow(clippy::too_many_arguments)]
-pub fn topp_route<F: Real>(
+pub fn topp_route<F: RankKey>(
     probs: &[F],
     t: usize,
     e: usize,
@@ -100,65 +179,52 @@ pub fn topp_route<F: Real>(
         .zip(probs.par_chunks(rows * e))
         .enumerate()
         .try_for_each(|(chunk, ((idx, counts), probs))| {
-            let mut tail: Vec<(F, usize)> = Vec::with_capacity(e);
+            let mut heap: Vec<F::Key> = Vec::with_capacity(e);
             for (r, ((row, dst), count)) in probs
                 .chunks_exact(e)
                 .zip(idx.chunks_exact_mut(max_k))
                 .zip(counts.iter_mut())
                 .enumerate()
             {
-                for &v in row {
-                    if v.is_nan() {
-                        return nan_error(chunk * rows + r);
+                heap.clear();
+                for (j, &v) in row.iter().enumerate() {
+                    // `!(v >= 0)` also catches NaN.
+                    if !(v >= F::ZERO) {
+                        let row_no = chunk * rows + r;
+                        return if v.is_nan() {
+                            nan_error(row_no)
+                        } else {
+                            value_err(format!("probs must be non-negative, got {} (row {row_no})", v.to_f64()))
+                        };
                     }
-                    if v < F::ZERO {
-                        return value_err(format!(
-                            "probs must be non-negative, got {} (row {})",
-                            v.to_f64(),
-                            chunk * rows + r
-                        ));
-                    }
+                    heap.push(F::key(v, j));
+                }
+                for i in (0..e / 2).rev() {
+                    sift_down(&mut heap, i);
                 }
                 let mut acc = 0.0f32;
-                let mut last: Option<(F, usize)> = None;
                 let mut kept = 0usize;
-                let mut tail_pos = usize::MAX; // usize::MAX: tail not sorted yet
+                let mut len = e;
+                let mut sorted = false;
                 while kept < max_k && (kept < min_k || acc <= p) {
-                    let (v, j) = if kept < SCAN_STEPS {
-                        // Best element strictly after `last` in the order.
-                        let mut best: Option<(F, usize)> = None;
-                        for (j, &v) in row.iter().enumerate() {
-                            let after_last = last.is_none_or(|(lv, li)| ranks_before(lv, li, v, j));
-                            if after_last && best.is_none_or(|(bv, bi)| ranks_before(v, j, bv, bi)) {
-                                best = Some((v, j));
-                            }
-                        }
-                        best.expect("max_k <= e leaves an element to select")
+                    let top = if !sorted && kept < HEAP_POPS {
+                        let top = heap[0];
+                        len -= 1;
+                        heap.swap(0, len);
+                        sift_down(&mut heap[..len], 0);
+                        top
                     } else {
-                        if tail_pos == usize::MAX {
-                            let (lv, li) = last.expect("SCAN_STEPS >= 1");
-                            tail.clear();
-                            tail.extend(
-                                row.iter()
-                                    .enumerate()
-                                    .filter(|&(j, &v)| ranks_before(lv, li, v, j))
-                                    .map(|(j, &v)| (v, j)),
-                            );
-                            tail.sort_unstable_by(|a, b| {
-                                if ranks_before(a.0, a.1, b.0, b.1) {
-                                    std::cmp::Ordering::Less
-                                } else {
-                                    std::cmp::Ordering::Greater
-                                }
-                            });
-                            tail_pos = 0;
+                        // Many experts kept (a flat row): sorting the rest beats more heap pops.
+                        if !sorted {
+                            heap[..len].sort_unstable();
+                            sorted = true;
                         }
-                        tail_pos += 1;
-                        tail[tail_pos - 1]
+                        len -= 1;
+                        heap[len]
                     };
+                    let j = F::index(top);
                     dst[kept] = j as i64;
-                    acc += v.to_f32();
-                    last = Some((v, j));
+                    acc += row[j].to_f32();
                     kept += 1;
                 }
                 dst[kept..].fill(-1);
@@ -224,6 +290,18 @@ mod tests {
         let mut expected: Vec<usize> = (0..e).collect();
         expected.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
         assert_eq!(idx, expected.iter().map(|&j| j as i64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn keys_order_every_value() {
+        let vals = [f32::NEG_INFINITY, -3.0, -0.0, 0.0, 1e-30, 2.0, f32::INFINITY];
+        for w in vals.windows(2) {
+            assert!(f32::key(w[0], 0) <= f32::key(w[1], 0), "{} vs {}", w[0], w[1]);
+        }
+        assert_eq!(f32::key(-0.0, 1), f32::key(0.0, 1));
+        assert!(f32::key(1.0, 0) > f32::key(1.0, 1));
+        assert_eq!(f64::index(f64::key(-2.5, 17)), 17);
+        assert_eq!(topk(&[-1.0, -0.5, f32::NEG_INFINITY, -0.5], 4, 4), vec![1, 3, 0, 2]);
     }
 
     #[test]

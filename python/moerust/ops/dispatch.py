@@ -171,8 +171,9 @@ def _native_fn(name: str, dtype: torch.dtype) -> Any:
 @torch.library.custom_op("moerust::gather", mutates_args=())
 def _gather_op(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(x, row_token):
-        out = _native_fn("gather", x.dtype)(_np(x), _np(row_token), _backend.num_threads())
-        return torch.from_numpy(out).view(row_token.shape[0], x.shape[1])
+        out = x.new_empty(row_token.shape[0], x.shape[1])
+        _native_fn("gather", x.dtype)(_np(x), _np(row_token), out.numpy(), _backend.num_threads())
+        return out
     return _gather_torch(x, row_token)
 
 
@@ -184,8 +185,9 @@ def _(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch
 @torch.library.custom_op("moerust::gather_backward", mutates_args=())
 def _gather_backward_op(grad: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(grad, slot_row):
-        out = _native_fn("gather_backward", grad.dtype)(_np(grad), _np(slot_row), _backend.num_threads())
-        return torch.from_numpy(out).view(slot_row.shape[0], grad.shape[1])
+        out = grad.new_empty(slot_row.shape[0], grad.shape[1])
+        _native_fn("gather_backward", grad.dtype)(_np(grad), _np(slot_row), out.numpy(), _backend.num_threads())
+        return out
     return _slot_sum_torch(grad, None, slot_row)
 
 
@@ -212,8 +214,9 @@ def _combine_op(
     ys: torch.Tensor, weights: torch.Tensor, slot_row: torch.Tensor, row_token: torch.Tensor, row_slot: torch.Tensor
 ) -> torch.Tensor:
     if _backend.rust_handles(ys, weights, slot_row):
-        out = _native_fn("combine", ys.dtype)(_np(ys), _np(weights), _np(slot_row), _backend.num_threads())
-        return torch.from_numpy(out).view(slot_row.shape[0], ys.shape[1])
+        out = ys.new_empty(slot_row.shape[0], ys.shape[1])
+        _native_fn("combine", ys.dtype)(_np(ys), _np(weights), _np(slot_row), out.numpy(), _backend.num_threads())
+        return out
     return _slot_sum_torch(ys, weights, slot_row)
 
 
@@ -232,10 +235,13 @@ def _combine_backward_op(
     row_slot: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if _backend.rust_handles(grad, ys, weights, slot_row):
-        gys, gw = _native_fn("combine_backward", ys.dtype)(
-            _np(grad), _np(ys), _np(weights), _np(row_token), _np(row_slot), _np(slot_row), _backend.num_threads()
+        grad_ys = ys.new_empty(ys.shape)
+        grad_w = weights.new_empty(weights.shape)
+        _native_fn("combine_backward", ys.dtype)(
+            _np(grad), _np(ys), _np(weights), _np(row_token), _np(row_slot), _np(slot_row),
+            grad_ys.numpy(), grad_w.numpy(), _backend.num_threads(),
         )
-        return torch.from_numpy(gys).view(ys.shape), torch.from_numpy(gw).view(weights.shape)
+        return grad_ys, grad_w
     return _combine_backward_torch(grad, ys, weights, row_token, row_slot)
 
 

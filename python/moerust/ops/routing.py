@@ -38,8 +38,9 @@ def topk_route(probs: torch.Tensor, k: int) -> torch.Tensor:
         x = probs.detach().contiguous()
         nat = _backend.native()
         fn = nat.topk_route_f32 if x.dtype == torch.float32 else nat.topk_route_f64
-        out = fn(x.numpy(), k, _backend.num_threads())
-        return torch.from_numpy(out).view(probs.shape[0], k)
+        out = torch.empty(probs.shape[0], k, dtype=torch.int64)
+        fn(x.numpy(), out.numpy(), _backend.num_threads())
+        return out
     return topk_route_torch(probs, k)
 
 
@@ -70,8 +71,10 @@ def topp_route(
         x = probs.detach().contiguous()
         nat = _backend.native()
         fn = nat.topp_route_f32 if x.dtype == torch.float32 else nat.topp_route_f64
-        idx, counts = fn(x.numpy(), p, min_k, max_k, _backend.num_threads())
-        return torch.from_numpy(idx).view(probs.shape[0], max_k), torch.from_numpy(counts)
+        idx = torch.empty(probs.shape[0], max_k, dtype=torch.int64)
+        counts = torch.empty(probs.shape[0], dtype=torch.int64)
+        fn(x.numpy(), p, min_k, idx.numpy(), counts.numpy(), _backend.num_threads())
+        return idx, counts
     return topp_route_torch(probs, p, min_k, max_k)
 
 

@@ -55,9 +55,10 @@ def sliding_window_mask(
     q_len, k_len, w, doc_ids = _check(q_len, k_len, window, doc_ids)
     if _use_rust(doc_ids, device):
         docs = None if doc_ids is None else doc_ids.to(torch.int64).contiguous().numpy()
-        out = torch.from_numpy(_backend.native().sliding_window_mask(q_len, k_len, w, docs, _backend.num_threads()))
         shape = (q_len, k_len) if doc_ids is None else (doc_ids.shape[0], q_len, k_len)
-        return out.view(shape)
+        out = torch.empty(shape, dtype=torch.bool)
+        _backend.native().sliding_window_mask(q_len, k_len, w, docs, out.view(-1).numpy(), _backend.num_threads())
+        return out
     dev = device if device is not None else (doc_ids.device if doc_ids is not None else None)
     return _mask_torch(q_len, k_len, w, doc_ids, dev)
 
@@ -101,8 +102,9 @@ def sliding_window_tiles(
     shape = (nq, nk) if doc_ids is None else (doc_ids.shape[0], nq, nk)
     if _use_rust(doc_ids, device):
         docs = None if doc_ids is None else doc_ids.to(torch.int64).contiguous().numpy()
-        out = _backend.native().sliding_window_tiles(q_len, k_len, w, docs, block_q, block_k, _backend.num_threads())
-        return torch.from_numpy(out).view(shape)
+        out = torch.empty(shape, dtype=torch.int8)
+        _backend.native().sliding_window_tiles(q_len, k_len, w, docs, block_q, block_k, out.view(-1).numpy(), _backend.num_threads())
+        return out
     dev = device if device is not None else (doc_ids.device if doc_ids is not None else None)
     mask = _mask_torch(q_len, k_len, w, doc_ids, dev)
     if doc_ids is None:

@@ -1,0 +1,88 @@
+//! Quick single-process timings of the kernels without Python: `cargo run --release --example kernel_timing`.
+
+use std::time::Instant;
+
+use _native::{dispatch, routing, threads::with_threads};
+
+fn time<F: FnMut()>(name: &str, mut f: F) {
+    f();
+    let n = 20;
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!("{name:<40} {:>10.1} us", v[n / 2]);
+}
+
+fn main() {
+    let mut seed = 12345u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for &(t, e, k) in &[(8192usize, 8usize, 2usize), (8192, 64, 8)] {
+        let probs: Vec<f32> = (0..t * e).map(|_| rnd()).collect();
+        let mut out = vec![0i64; t * k];
+        for threads in [1, 2] {
+            time(&format!("topk t={t} e={e} k={k} threads={threads}"), || {
+                with_threads(threads, || routing::topk_route(&probs, t, e, k, &mut out)).unwrap()
+            });
+        }
+        time(&format!("seq topk t={t} e={e} k={k}"), || seq_topk(&probs, e, k, &mut out));
+        time(&format!("seq topk in pool t={t} e={e} k={k}"), || with_threads(1, || seq_topk(&probs, e, k, &mut out)));
+        let mut idx = vec![0i64; t * e];
+        let mut counts = vec![0i64; t];
+        let norm: Vec<f32> = probs
+            .chunks(e)
+            .flat_map(|r| {
+                let s: f32 = r.iter().sum();
+                r.iter().map(move |v| v / s).collect::<Vec<_>>()
+            })
+            .collect();
+        for threads in [1, 2] {
+            time(&format!("topp t={t} e={e} p=0.4 threads={threads}"), || {
+                with_threads(threads, || routing::topp_route(&norm, t, e, 0.4, 1, e, &mut idx, &mut counts)).unwrap()
+            });
+        }
+        let ids: Vec<i64> = out.clone();
+        for threads in [1, 2] {
+            time(&format!("plan t={t} e={e} k={k} threads={threads}"), || {
+                with_threads(threads, || dispatch::dispatch_plan(&ids, t, k, e, None)).unwrap();
+            });
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn seq_topk(probs: &[f32], e: usize, k: usize, out: &mut [i64]) {
+    use _native::routing::RankKey;
+    let mut best = vec![0u64; k];
+    for (row, dst) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)) {
+        let mut len = 0;
+        for (j, &v) in row.iter().enumerate() {
+            let key = f32::key(v, j);
+            if len == k {
+                if key <= best[k - 1] {
+                    continue;
+                }
+            } else {
+                len += 1;
+            }
+            let mut pos = len - 1;
+            while pos > 0 && best[pos - 1] < key {
+                best[pos] = best[pos - 1];
+                pos -= 1;
+            }
+            best[pos] = key;
+        }
+        for (d, &key) in dst.iter_mut().zip(&best[..len]) {
+            *d = f32::index(key) as i64;
+        }
+    }
+}
