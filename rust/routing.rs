@@ -118,11 +118,14 @@ impl RankKey for f64 {
     }
 }
 
+/// Experts picked by linear max scans before a heap is built (top-p rows usually keep few).
+const LINEAR_STEPS: usize = 4;
+
 /// Largest k served by the branch-free compare-exchange buffer.
 const BRANCHLESS_K: usize = 4;
 
 /// Heap pops before the rest of a row is sorted instead.
-const HEAP_POPS: usize = 3;
+const HEAP_POPS: usize = 16;
 
 /// Restores the max-heap property below `i` in `heap`.
 #[inline]
@@ -147,7 +150,8 @@ fn sift_down<K: Ord + Copy>(heap: &mut [K], mut i: usize) {
 /// before it is <= p (as float32); then clamp the count to [min_k, max_k]. Writes the kept experts
 /// to `idx[t, max_k]` (unused slots -1) and their number to `counts[t]`.
 ///
-/// Each row is heapified in O(E) and popped only as far as needed, O(E + kept * log E).
+/// The first few experts come from linear scans, later ones from a heap, the rest of a flat row
+/// from a sort: O(E) per row when few experts are kept.
 #[allow(clippy::too_many_arguments)]
 pub fn topp_route<F: RankKey>(
     probs: &[F],
@@ -199,28 +203,41 @@ pub fn topp_route<F: RankKey>(
                     }
                     heap.push(F::key(v, j));
                 }
-                for i in (0..e / 2).rev() {
-                    sift_down(&mut heap, i);
-                }
                 let mut acc = 0.0f32;
                 let mut kept = 0usize;
                 let mut len = e;
-                let mut sorted = false;
+                let mut stage = 0u8; // 0: linear max scans, 1: heap pops, 2: sorted tail
                 while kept < max_k && (kept < min_k || acc <= p) {
-                    let top = if !sorted && kept < HEAP_POPS {
-                        let top = heap[0];
-                        len -= 1;
-                        heap.swap(0, len);
-                        sift_down(&mut heap[..len], 0);
-                        top
-                    } else {
-                        // Many experts kept (a flat row): sorting the rest beats more heap pops.
-                        if !sorted {
-                            heap[..len].sort_unstable();
-                            sorted = true;
+                    if stage == 0 && kept == LINEAR_STEPS {
+                        // Taken keys were set to MIN_KEY in place; they sink to the bottom.
+                        for i in (0..e / 2).rev() {
+                            sift_down(&mut heap, i);
                         }
-                        len -= 1;
-                        heap[len]
+                        stage = 1;
+                    }
+                    if stage == 1 && kept == HEAP_POPS {
+                        // Many experts kept (a flat row): sorting the rest beats more heap pops.
+                        heap[..len].sort_unstable();
+                        stage = 2;
+                    }
+                    let top = match stage {
+                        0 => {
+                            // A branch-free max over the keys; the key carries its own index.
+                            let top = heap.iter().copied().fold(F::MIN_KEY, |a, b| a.max(b));
+                            heap[F::index(top)] = F::MIN_KEY;
+                            top
+                        }
+                        1 => {
+                            let top = heap[0];
+                            len -= 1;
+                            heap.swap(0, len);
+                            sift_down(&mut heap[..len], 0);
+                            top
+                        }
+                        _ => {
+                            len -= 1;
+                            heap[len]
+                        }
                     };
                     let j = F::index(top);
                     dst[kept] = j as i64;
