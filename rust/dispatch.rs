@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, value_err, KResult};
+use crate::isa::with_best_isa;
 use crate::real::Real;
 use crate::threads::rows_per_task;
 
@@ -176,7 +177,7 @@ pub fn gather_backward<F: Real>(grad: &[F], r: usize, d: usize, slot_row: &[i64]
         return Ok(());
     }
     let rows = rows_per_task(t, k * d, 1 << 14);
-    out.par_chunks_mut(rows * d).zip(slot_row.par_chunks(rows * k)).try_for_each(|(out, slots)| {
+    out.par_chunks_mut(rows * d).zip(slot_row.par_chunks(rows * k)).try_for_each(|(out, slots)| with_best_isa(|| {
         for (dst, slots) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)) {
             dst.fill(F::ZERO);
             for &row in slots {
@@ -190,7 +191,7 @@ pub fn gather_backward<F: Real>(grad: &[F], r: usize, d: usize, slot_row: &[i64]
             }
         }
         Ok(())
-    })
+    }))
 }
 
 /// `out[t] = sum over slots j in order of weights[t, j] * ys[slot_row[t, j]]`; empty slots add 0.
@@ -213,7 +214,7 @@ pub fn combine<F: Real>(ys: &[F], r: usize, d: usize, weights: &[F], slot_row: &
     out.par_chunks_mut(rows * d)
         .zip(slot_row.par_chunks(rows * k))
         .zip(weights.par_chunks(rows * k))
-        .try_for_each(|((out, slots), weights)| {
+        .try_for_each(|((out, slots), weights)| with_best_isa(|| {
             for ((dst, slots), ws) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)).zip(weights.chunks_exact(k)) {
                 dst.fill(F::ZERO);
                 for (&row, &w) in slots.iter().zip(ws) {
@@ -227,11 +228,11 @@ pub fn combine<F: Real>(ys: &[F], r: usize, d: usize, weights: &[F], slot_row: &
                 }
             }
             Ok(())
-        })
+        }))
 }
 
 /// Dot product with independent lanes so it vectorises without reassociation flags.
-#[inline]
+#[inline(always)]
 fn dot<F: Real>(a: &[F], b: &[F]) -> F {
     const L: usize = 8;
     let mut lanes = [F::ZERO; L];
@@ -287,7 +288,7 @@ pub fn combine_backward<F: Real>(
             .zip(dots.par_chunks_mut(rows))
             .zip(ys.par_chunks(rows * d))
             .zip(row_token.par_chunks(rows).zip(row_slot.par_chunks(rows)))
-            .try_for_each(|(((gys, dots), ys), (toks, slots))| {
+            .try_for_each(|(((gys, dots), ys), (toks, slots))| with_best_isa(|| {
                 for (((gy, dot_out), y), (&tok, &slot)) in
                     gys.chunks_exact_mut(d).zip(dots.iter_mut()).zip(ys.chunks_exact(d)).zip(toks.iter().zip(slots))
                 {
@@ -301,7 +302,7 @@ pub fn combine_backward<F: Real>(
                     *dot_out = dot(g, y);
                 }
                 Ok(())
-            })?;
+            }))?;
     }
     grad_w.par_iter_mut().zip(slot_row.par_iter()).try_for_each(|(gw, &row)| {
         *gw = if row == -1 { F::ZERO } else { dots[row_index("plan.slot_row", row, r)?] };

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use crate::error::{value_err, KResult, KernelError};
+use crate::isa::with_best_isa;
 use crate::real::Real;
 
 /// How the per-unit ratio is computed.
@@ -36,10 +37,11 @@ pub fn sum_squares<F: Real>(x: &[F]) -> f64 {
         }
         s
     };
+    let sum_chunk = |c: &[F]| with_best_isa(|| c.chunks(BLOCK).map(block_sum).sum::<f64>());
     if x.len() <= 1 << 15 {
-        x.chunks(BLOCK).map(block_sum).sum()
+        sum_chunk(x)
     } else {
-        x.par_chunks(1 << 14).map(|c| c.chunks(BLOCK).map(block_sum).sum::<f64>()).sum()
+        x.par_chunks(1 << 14).map(sum_chunk).sum()
     }
 }
 
@@ -111,7 +113,7 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
     grads.par_iter_mut().zip(weights.par_iter()).zip(unit.par_iter()).for_each(|((g, w), &u)| {
         let r = F::from_f64(ratios[u]);
         const BLOCK: usize = 1 << 14;
-        let apply = |(gb, wb): (&mut [F], &[F])| {
+        let apply = |(gb, wb): (&mut [F], &[F])| with_best_isa(|| {
             if wd != 0.0 {
                 for (gv, &wv) in gb.iter_mut().zip(wb) {
                     *gv = (*gv + wd_f * wv) * r;
@@ -121,7 +123,7 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
                     *gv = *gv * r;
                 }
             }
-        };
+        });
         if g.len() <= 4 * BLOCK {
             apply((g, w));
         } else {

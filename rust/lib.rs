@@ -4,6 +4,7 @@
 
 pub mod dispatch;
 pub mod error;
+pub mod isa;
 pub mod lars;
 pub mod real;
 pub mod routing;

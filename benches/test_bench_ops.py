@@ -1,0 +1,173 @@
+"""Rust vs torch twin for every op, grouped by shape (pytest-benchmark). Each benchmark checks
+after timing that the two backends agree, so a fast wrong answer cannot pass.
+
+Run: ``pytest benches --benchmark-only --benchmark-json out.json`` then
+``python benches/summarize.py out.json``. ``MOERUST_BENCH_THREADS=N`` sets the thread count.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Dict
+
+import pytest
+import torch
+
+import moerust
+from moerust import ops
+
+from .conftest import SMALL, THREADS
+
+BACKENDS = ["rust", "torch"]
+TS = [1024, 8192] if SMALL else [1024, 8192, 65536]
+_results: Dict[Any, Any] = {}
+
+
+def run(benchmark: Any, backend: str, group: str, fn: Callable[[], Any], key: Any, rounds: int = 10) -> Any:
+    benchmark.group = f"{group} threads={THREADS}"
+    benchmark.extra_info.update(backend=backend, threads=THREADS)
+    with moerust.use_backend(backend):
+        out = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    # Agreement check: compare with the other backend's result once both exist.
+    other = _results.setdefault(key, {})
+    other[backend] = out
+    return out
+
+
+def assert_agree(key: Any, compare: Callable[[Any, Any], None]) -> None:
+    res = _results.get(key, {})
+    if len(res) == 2:
+        compare(res["rust"], res["torch"])
+
+
+def softmax_probs(t: int, e: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(t * 131 + e)
+    return torch.softmax(torch.randn(t, e, generator=g) * scale, dim=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,e,k", [c for c in itertools.product(TS, [8, 64], [1, 2, 8]) if c[2] <= c[1]])
+def test_topk_route(benchmark: Any, backend: str, t: int, e: int, k: int) -> None:
+    probs = softmax_probs(t, e)
+    run(benchmark, backend, f"topk_route T={t} E={e} k={k}", lambda: ops.topk_route(probs, k), ("topk", t, e, k))
+    assert_agree(("topk", t, e, k), lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("t,e", list(itertools.product(TS, [8, 64])))
+def test_topp_route(benchmark: Any, backend: str, t: int, e: int, scale: float) -> None:
+    probs = softmax_probs(t, e, scale)
+    key = ("topp", t, e, scale)
+    out = run(benchmark, backend, f"topp_route T={t} E={e} p=0.4 logit-scale={scale}", lambda: ops.topp_route(probs, 0.4), key)
+    benchmark.extra_info["avg_experts"] = float(out[1].float().mean())
+    assert_agree(key, lambda a, b: (torch.testing.assert_close(a[0], b[0]), torch.testing.assert_close(a[1], b[1])))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,e,k", [c for c in itertools.product(TS, [8, 64], [1, 2, 8]) if c[2] <= c[1]])
+def test_dispatch_plan(benchmark: Any, backend: str, t: int, e: int, k: int) -> None:
+    idx = ops.topk_route(softmax_probs(t, e), k)
+    key = ("plan", t, e, k)
+    run(benchmark, backend, f"dispatch_plan T={t} E={e} k={k}", lambda: ops.dispatch_plan(idx, e), key)
+    assert_agree(key, lambda a, b: torch.testing.assert_close(a.slot_row, b.slot_row, rtol=0, atol=0))
+
+
+def _gc_cases():
+    for t, k, d in itertools.product(TS, [1, 2, 8], [64, 512]):
+        if t * k * d <= 65536 * 2 * 512:  # keep each buffer under ~256 MB
+            yield t, k, d
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,k,d", list(_gc_cases()))
+def test_gather_combine_fwd_bwd(benchmark: Any, backend: str, t: int, k: int, d: int) -> None:
+    e = 8
+    probs = softmax_probs(t, e)
+    idx = ops.topk_route(probs, k)
+    plan = ops.dispatch_plan(idx, e)
+    x = torch.randn(t, d, requires_grad=True)
+    w = probs.gather(1, idx).requires_grad_()
+    up = torch.randn(t, d)
+
+    def step():  # type: ignore[no-untyped-def]
+        x.grad = None
+        w.grad = None
+        with moerust.use_backend(backend):
+            y = ops.combine(ops.gather(x, plan), w, plan)
+            y.backward(up)
+        return y.detach(), x.grad.clone(), w.grad.clone()
+
+    key = ("gc", t, k, d)
+    run(benchmark, backend, f"gather+combine fwd+bwd T={t} k={k} d={d}", step, key, rounds=5 if t >= 65536 else 10)
+    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5) for u, v in zip(a, b)])
+
+
+PATH_CASES = [(8192, 8, 2, 64), (8192, 64, 8, 64), (1024, 8, 2, 512), (65536, 8, 2, 64)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,e,k,d", PATH_CASES if not SMALL else PATH_CASES[:3])
+def test_full_dispatch_path(benchmark: Any, backend: str, t: int, e: int, k: int, d: int) -> None:
+    """softmax -> topk_route -> dispatch_plan -> gather -> combine, forward + backward."""
+    logits = torch.randn(t, e, requires_grad=True)
+    x = torch.randn(t, d, requires_grad=True)
+    up = torch.randn(t, d)
+
+    def step():  # type: ignore[no-untyped-def]
+        x.grad = None
+        logits.grad = None
+        probs = torch.softmax(logits, dim=-1)
+        idx = ops.topk_route(probs, k)
+        plan = ops.dispatch_plan(idx, e)
+        y = ops.combine(ops.gather(x, plan), probs.gather(1, idx), plan)
+        y.backward(up)
+        return y.detach(), x.grad.clone(), logits.grad.clone()
+
+    key = ("path", t, e, k, d)
+    run(benchmark, backend, f"dispatch path fwd+bwd T={t} E={e} k={k} d={d}", step, key)
+    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5) for u, v in zip(a, b)])
+
+
+def _model_10m() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # 10.5M parameters: 10 linear layers 512 <-> 2048 with biases.
+    layers = [torch.nn.Linear(512, 2048) if i % 2 == 0 else torch.nn.Linear(2048, 512) for i in range(10)]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,wd", [("lars", 0.01), ("lars", 0.0), ("bidirectional", 0.0)])
+def test_lars_10m(benchmark: Any, backend: str, mode: str, wd: float) -> None:
+    model = _model_10m()
+    params = list(model.parameters())
+    grads = [torch.randn_like(p) for p in params]
+
+    def step():  # type: ignore[no-untyped-def]
+        return ops.lars_(params, mode=mode, weight_decay=wd, eta=0.02)
+
+    def setup():  # type: ignore[no-untyped-def]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        return (), {}
+
+    benchmark.group = f"lars_ 10.5M params mode={mode} wd={wd} threads={THREADS}"
+    benchmark.extra_info.update(backend=backend, threads=THREADS)
+    with moerust.use_backend(backend):
+        ratios = benchmark.pedantic(step, setup=setup, rounds=10, warmup_rounds=1)
+    key = ("lars", mode, wd)
+    _results.setdefault(key, {})[backend] = (ratios, [p.grad.clone() for p in params])
+    assert_agree(key, lambda a, b: torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,w", [(1024, 256), (4096, 256)])
+def test_sliding_window(benchmark: Any, backend: str, t: int, w: int) -> None:
+    docs = torch.cumsum((torch.rand(1, t) < 0.002).long(), dim=1)
+
+    def step():  # type: ignore[no-untyped-def]
+        return ops.sliding_window_mask(t, t, w, doc_ids=docs), ops.sliding_window_tiles(t, t, w, doc_ids=docs)
+
+    key = ("window", t, w)
+    run(benchmark, backend, f"sliding_window mask+tiles T={t} W={w}", step, key)
+    assert_agree(key, lambda a, b: (torch.testing.assert_close(a[0], b[0]), torch.testing.assert_close(a[1], b[1])))

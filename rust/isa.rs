@@ -1,0 +1,20 @@
+//! Runtime instruction-set selection. Wheels target baseline x86-64 (SSE2) so they run anywhere;
+//! hot loops are re-compiled for AVX2+FMA and picked at run time when the CPU has them. Rust never
+//! contracts `a * b + c` into an FMA on its own, so both versions give bit-identical results.
+
+/// Runs `f` compiled with AVX2 and FMA enabled when the CPU supports them, else as is.
+#[inline(always)]
+pub fn with_best_isa<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: `avx2` only requires the AVX2 and FMA features, detected just above.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
