@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the benchmark suite at several thread counts and writes one JSON per count plus a Markdown
+# summary. Usage: benches/run_matrix.sh OUT_DIR "1 2 4 8 16" [full-suite thread counts, e.g. "2 16"]
+set -euo pipefail
+out=${1:?output folder}
+threads=${2:-"1 2 4 8 16"}
+full=${3:-"2 16"}
+mkdir -p "$out"
+for n in $threads; do
+  if [[ " $full " == *" $n "* ]]; then sel=(); else sel=(-k "gather_combine and 65536-2-512 or full_dispatch_path or lars"); fi
+  MOERUST_BENCH_THREADS=$n OMP_NUM_THREADS=$n python3 -m pytest benches -q -p no:cacheprovider --benchmark-only \
+    --benchmark-json "$out/bench_t$n.json" "${sel[@]}" | tail -n 2
+done
+python3 benches/summarize.py "$out"/bench_t*.json > "$out/summary.md"
