@@ -100,7 +100,7 @@ def test_gather_combine_fwd_bwd(benchmark: Any, backend: str, t: int, k: int, d:
 
     key = ("gc", t, k, d)
     run(benchmark, backend, f"gather+combine fwd+bwd T={t} k={k} d={d}", step, key, rounds=5 if t >= 65536 else 10)
-    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5) for u, v in zip(a, b)])
+    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-3) for u, v in zip(a, b)])
 
 
 PATH_CASES = [(8192, 8, 2, 64), (8192, 64, 8, 64), (1024, 8, 2, 512), (65536, 8, 2, 64)]
@@ -126,7 +126,7 @@ def test_full_dispatch_path(benchmark: Any, backend: str, t: int, e: int, k: int
 
     key = ("path", t, e, k, d)
     run(benchmark, backend, f"dispatch path fwd+bwd T={t} E={e} k={k} d={d}", step, key)
-    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5) for u, v in zip(a, b)])
+    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-3) for u, v in zip(a, b)])
 
 
 def _model_10m() -> torch.nn.Module:

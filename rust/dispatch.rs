@@ -240,6 +240,8 @@ fn dot<F: Real>(a: &[F], b: &[F]) -> F {
     let cb = b.chunks_exact(L);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (xa, xb) in ca.zip(cb) {
+        let xa: &[F; L] = xa.try_into().expect("chunks_exact yields L elements");
+        let xb: &[F; L] = xb.try_into().expect("chunks_exact yields L elements");
         for i in 0..L {
             lanes[i] += xa[i] * xb[i];
         }

@@ -19,14 +19,17 @@ pub enum Mode {
 
 /// Sum of squares in f64, computed blockwise in f32/f64 lanes so the loop vectorises.
 pub fn sum_squares<F: Real>(x: &[F]) -> f64 {
-    // 32 terms per lane in the element type, then f64: accurate to ~1e-7 and still vectorised.
-    const BLOCK: usize = 256;
-    const L: usize = 8;
+    // 32 lanes (four AVX2 vectors of f32) hide the add latency; 32 terms per lane in the element
+    // type, then f64: accurate to ~1e-7 and still vectorised.
+    const BLOCK: usize = 1024;
+    const L: usize = 32;
     let block_sum = |b: &[F]| -> f64 {
         let mut lanes = [F::ZERO; L];
         let chunks = b.chunks_exact(L);
         let rest = chunks.remainder();
         for c in chunks {
+            // A fixed-size view lets the compiler drop bounds checks and vectorise the lanes.
+            let c: &[F; L] = c.try_into().expect("chunks_exact yields L elements");
             for i in 0..L {
                 lanes[i] += c[i] * c[i];
             }
