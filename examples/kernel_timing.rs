@@ -31,11 +31,11 @@ fn main() {
         let mut out = vec![0i64; t * k];
         for threads in [1, 2] {
             time(&format!("topk t={t} e={e} k={k} threads={threads}"), || {
-                with_threads(threads, || routing::topk_route(&probs, t, e, k, &mut out)).unwrap()
+                with_threads(threads, usize::MAX, || routing::topk_route(&probs, t, e, k, &mut out)).unwrap()
             });
         }
         time(&format!("seq topk t={t} e={e} k={k}"), || seq_topk(&probs, e, k, &mut out));
-        time(&format!("seq topk in pool t={t} e={e} k={k}"), || with_threads(1, || seq_topk(&probs, e, k, &mut out)));
+        time(&format!("seq topk in pool t={t} e={e} k={k}"), || with_threads(1, usize::MAX, || seq_topk(&probs, e, k, &mut out)));
         let mut idx = vec![0i64; t * e];
         let mut counts = vec![0i64; t];
         let norm: Vec<f32> = probs
@@ -47,13 +47,13 @@ fn main() {
             .collect();
         for threads in [1, 2] {
             time(&format!("topp t={t} e={e} p=0.4 threads={threads}"), || {
-                with_threads(threads, || routing::topp_route(&norm, t, e, 0.4, 1, e, &mut idx, &mut counts)).unwrap()
+                with_threads(threads, usize::MAX, || routing::topp_route(&norm, t, e, 0.4, 1, e, &mut idx, &mut counts)).unwrap()
             });
         }
         let ids: Vec<i64> = out.clone();
         for threads in [1, 2] {
             time(&format!("plan t={t} e={e} k={k} threads={threads}"), || {
-                with_threads(threads, || dispatch::dispatch_plan(&ids, t, k, e, None)).unwrap();
+                with_threads(threads, usize::MAX, || dispatch::dispatch_plan(&ids, t, k, e, None)).unwrap();
             });
         }
     }

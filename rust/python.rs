@@ -40,9 +40,10 @@ macro_rules! slice_mut {
     };
 }
 
-/// Runs a kernel with the GIL released inside a pool of `threads` threads.
-fn run<R: Send>(py: Python<'_>, threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    py.detach(|| with_threads(threads, f))
+/// Runs a kernel of about `work` element operations with the GIL released, inside a pool of at
+/// most `threads` threads (fewer for small work).
+fn run<R: Send>(py: Python<'_>, threads: usize, work: usize, f: impl FnOnce() -> R + Send) -> R {
+    py.detach(|| with_threads(threads, work, f))
 }
 
 type Arr<'py> = Bound<'py, PyArray1<i64>>;
@@ -59,7 +60,7 @@ macro_rules! float_kernels {
             let (t, e, k) = (probs.shape()[0], probs.shape()[1], out.shape()[1]);
             let p = slice!(probs, "probs");
             let o = slice_mut!(out, "out");
-            Ok(run(py, threads, || routing::topk_route(p, t, e, k, o))?)
+            Ok(run(py, threads, t * e, || routing::topk_route(p, t, e, k, o))?)
         }
 
         /// Top-p expert indices into `idx [T, max_k]` (-1 padded) and `counts [T]`.
@@ -76,7 +77,7 @@ macro_rules! float_kernels {
             let (t, e, max_k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
             let pr = slice!(probs, "probs");
             let (ix, c) = (slice_mut!(idx, "idx"), slice_mut!(counts, "counts"));
-            Ok(run(py, threads, || routing::topp_route(pr, t, e, p, min_k, max_k, ix, c))?)
+            Ok(run(py, threads, t * e, || routing::topp_route(pr, t, e, p, min_k, max_k, ix, c))?)
         }
 
         /// `out[r] = x[row_token[r]]` into `out [R, d]`.
@@ -91,7 +92,7 @@ macro_rules! float_kernels {
             let (t, d) = (x.shape()[0], x.shape()[1]);
             let (xv, rt) = (slice!(x, "x"), slice!(row_token, "plan.row_token"));
             let o = slice_mut!(out, "out");
-            Ok(run(py, threads, || dispatch::gather(xv, t, d, rt, o))?)
+            Ok(run(py, threads, rt.len() * d, || dispatch::gather(xv, t, d, rt, o))?)
         }
 
         /// Backward of gather (per-token sum of its rows in slot order) into `out [T, d]`.
@@ -107,7 +108,7 @@ macro_rules! float_kernels {
             let t = slot_row.shape()[0];
             let (g, sr) = (slice!(grad, "grad"), slice!(slot_row, "plan.slot_row"));
             let o = slice_mut!(out, "out");
-            Ok(run(py, threads, || dispatch::gather_backward(g, r, d, sr, t, o))?)
+            Ok(run(py, threads, (sr.len() + t) * d, || dispatch::gather_backward(g, r, d, sr, t, o))?)
         }
 
         /// `out[t] = sum_j w[t,j] * ys[slot_row[t,j]]` into `out [T, d]`.
@@ -124,7 +125,7 @@ macro_rules! float_kernels {
             let t = slot_row.shape()[0];
             let (y, w, sr) = (slice!(ys, "ys"), slice!(weights, "weights"), slice!(slot_row, "plan.slot_row"));
             let o = slice_mut!(out, "out");
-            Ok(run(py, threads, || dispatch::combine(y, r, d, w, sr, t, o))?)
+            Ok(run(py, threads, (sr.len() + t) * d, || dispatch::combine(y, r, d, w, sr, t, o))?)
         }
 
         /// Backward of combine into `grad_ys [R, d]` and `grad_w [T, K]`.
@@ -147,7 +148,7 @@ macro_rules! float_kernels {
             let (rt, rs, sr) =
                 (slice!(row_token, "plan.row_token"), slice!(row_slot, "plan.row_slot"), slice!(slot_row, "plan.slot_row"));
             let (gys, gw) = (slice_mut!(grad_ys, "grad_ys"), slice_mut!(grad_w, "grad_w"));
-            Ok(run(py, threads, || dispatch::combine_backward(g, y, w, d, rt, rs, sr, gys, gw))?)
+            Ok(run(py, threads, 3 * y.len(), || dispatch::combine_backward(g, y, w, d, rt, rs, sr, gys, gw))?)
         }
 
         /// LARS / bidirectional scaling of flat gradient buffers in place; returns unit ratios.
@@ -181,7 +182,8 @@ macro_rules! float_kernels {
                 .iter_mut()
                 .map(|a| a.as_slice_mut().map_err(|_| PyValueError::new_err("params (gradient) must be C-contiguous")))
                 .collect::<PyResult<_>>()?;
-            Ok(run(py, threads, || lars::scale_grads(&wsl, &mut gsl, &unit, n_units, mode))?)
+            let work = 3 * gsl.iter().map(|g| g.len()).sum::<usize>();
+            Ok(run(py, threads, work, || lars::scale_grads(&wsl, &mut gsl, &unit, n_units, mode))?)
         }
     };
 }
@@ -202,7 +204,7 @@ fn dispatch_plan<'py>(
 ) -> PyResult<(Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>, i64)> {
     let (t, k) = (idx.shape()[0], idx.shape()[1]);
     let ix = slice!(idx, "idx");
-    let p = run(py, threads, || dispatch::dispatch_plan(ix, t, k, num_experts, capacity))?;
+    let p = run(py, threads, 4 * ix.len(), || dispatch::dispatch_plan(ix, t, k, num_experts, capacity))?;
     Ok((
         i64_array(py, p.counts),
         i64_array(py, p.offsets),
@@ -231,7 +233,7 @@ fn sliding_window_mask<'py>(
         None => None,
     };
     let o = slice_mut!(out, "out");
-    Ok(run(py, threads, || window_mask::window_mask(q_len, k_len, w, docs, o))?)
+    Ok(run(py, threads, o.len() / 8, || window_mask::window_mask(q_len, k_len, w, docs, o))?)
 }
 
 /// Tile summary into `out [B*nq*nk]` (int8 TILE_*); `window = 0` means unbounded.
@@ -255,7 +257,7 @@ fn sliding_window_tiles<'py>(
         None => None,
     };
     let o = slice_mut!(out, "out");
-    Ok(run(py, threads, || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o))?)
+    Ok(run(py, threads, q_len.saturating_mul(w.min(k_len)), || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o))?)
 }
 
 /// The number of threads a call asking for `requested` gets (RAYON_NUM_THREADS overrides).

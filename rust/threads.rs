@@ -20,9 +20,18 @@ pub fn resolve_threads(requested: usize) -> usize {
     from_env.unwrap_or(requested).max(1)
 }
 
-/// Runs `f` inside a rayon pool of `resolve_threads(requested)` threads.
-pub fn with_threads<R: Send>(requested: usize, f: impl FnOnce() -> R + Send) -> R {
-    let n = resolve_threads(requested);
+/// Element operations below which one more thread costs more (wake-up, and competition with
+/// torch's OpenMP workers, which spin for a while after every torch op) than it saves.
+pub const MIN_WORK_PER_THREAD: usize = 1 << 17;
+
+/// Threads for a call of `work` element operations asking for `requested` threads.
+pub fn threads_for(requested: usize, work: usize) -> usize {
+    resolve_threads(requested).min(work / MIN_WORK_PER_THREAD).max(1)
+}
+
+/// Runs `f` inside a rayon pool of `threads_for(requested, work)` threads.
+pub fn with_threads<R: Send>(requested: usize, work: usize, f: impl FnOnce() -> R + Send) -> R {
+    let n = threads_for(requested, work);
     let pool = {
         // A poisoned lock only means another thread panicked while inserting; the map is still valid.
         let mut map = pools().lock().unwrap_or_else(|e| e.into_inner());
