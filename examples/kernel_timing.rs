@@ -34,8 +34,6 @@ fn main() {
                 with_threads(threads, usize::MAX, || routing::topk_route(&probs, t, e, k, &mut out)).unwrap()
             });
         }
-        time(&format!("seq topk t={t} e={e} k={k}"), || seq_topk(&probs, e, k, &mut out));
-        time(&format!("seq topk in pool t={t} e={e} k={k}"), || with_threads(1, usize::MAX, || seq_topk(&probs, e, k, &mut out)));
         let mut idx = vec![0i64; t * e];
         let mut counts = vec![0i64; t];
         let norm: Vec<f32> = probs
@@ -59,30 +57,3 @@ fn main() {
     }
 }
 
-#[allow(dead_code)]
-fn seq_topk(probs: &[f32], e: usize, k: usize, out: &mut [i64]) {
-    use _native::routing::RankKey;
-    let mut best = vec![0u64; k];
-    for (row, dst) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)) {
-        let mut len = 0;
-        for (j, &v) in row.iter().enumerate() {
-            let key = f32::key(v, j);
-            if len == k {
-                if key <= best[k - 1] {
-                    continue;
-                }
-            } else {
-                len += 1;
-            }
-            let mut pos = len - 1;
-            while pos > 0 && best[pos - 1] < key {
-                best[pos] = best[pos - 1];
-                pos -= 1;
-            }
-            best[pos] = key;
-        }
-        for (d, &key) in dst.iter_mut().zip(&best[..len]) {
-            *d = f32::index(key) as i64;
-        }
-    }
-}

@@ -164,40 +164,19 @@ pub fn gather<F: Real>(x: &[F], t: usize, d: usize, row_token: &[i64], out: &mut
 /// Backward of `gather`: `out[t] = sum over slots j in order of grad[slot_row[t, j]]`.
 pub fn gather_backward<F: Real>(grad: &[F], r: usize, d: usize, slot_row: &[i64], t: usize, out: &mut [F]) -> KResult<()> {
     check_len("grad", grad.len(), r * d)?;
-    check_len("out", out.len(), t * d)?;
-    if d == 0 || t == 0 {
-        return Ok(());
-    }
-    if slot_row.len() % t != 0 {
-        return value_err(format!("plan.slot_row has {} elements, not a multiple of {t} tokens", slot_row.len()));
-    }
-    let k = slot_row.len() / t;
-    if k == 0 {
-        out.fill(F::ZERO);
-        return Ok(());
-    }
-    let rows = rows_per_task(t, k * d, 1 << 14);
-    out.par_chunks_mut(rows * d).zip(slot_row.par_chunks(rows * k)).try_for_each(|(out, slots)| with_best_isa(|| {
-        for (dst, slots) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)) {
-            dst.fill(F::ZERO);
-            for &row in slots {
-                if row == -1 {
-                    continue;
-                }
-                let row = row_index("plan.slot_row", row, r)?;
-                for (a, &g) in dst.iter_mut().zip(&grad[row * d..(row + 1) * d]) {
-                    *a += g;
-                }
-            }
-        }
-        Ok(())
-    }))
+    slot_sum(grad, r, d, None, slot_row, t, out)
 }
 
 /// `out[t] = sum over slots j in order of weights[t, j] * ys[slot_row[t, j]]`; empty slots add 0.
 pub fn combine<F: Real>(ys: &[F], r: usize, d: usize, weights: &[F], slot_row: &[i64], t: usize, out: &mut [F]) -> KResult<()> {
     check_len("ys", ys.len(), r * d)?;
     check_len("weights", weights.len(), slot_row.len())?;
+    slot_sum(ys, r, d, Some(weights), slot_row, t, out)
+}
+
+/// The shared body of `combine` and `gather_backward`: per token, the (weighted) sum of its rows
+/// in slot order, skipping empty slots.
+fn slot_sum<F: Real>(rows_in: &[F], r: usize, d: usize, weights: Option<&[F]>, slot_row: &[i64], t: usize, out: &mut [F]) -> KResult<()> {
     check_len("out", out.len(), t * d)?;
     if d == 0 || t == 0 {
         return Ok(());
@@ -211,24 +190,34 @@ pub fn combine<F: Real>(ys: &[F], r: usize, d: usize, weights: &[F], slot_row: &
         return Ok(());
     }
     let rows = rows_per_task(t, k * d, 1 << 14);
-    out.par_chunks_mut(rows * d)
-        .zip(slot_row.par_chunks(rows * k))
-        .zip(weights.par_chunks(rows * k))
-        .try_for_each(|((out, slots), weights)| with_best_isa(|| {
-            for ((dst, slots), ws) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)).zip(weights.chunks_exact(k)) {
+    out.par_chunks_mut(rows * d).zip(slot_row.par_chunks(rows * k)).enumerate().try_for_each(|(chunk, (out, slots))| {
+        with_best_isa(|| {
+            for (i, (dst, slots)) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)).enumerate() {
                 dst.fill(F::ZERO);
-                for (&row, &w) in slots.iter().zip(ws) {
+                for (j, &row) in slots.iter().enumerate() {
                     if row == -1 {
                         continue;
                     }
                     let row = row_index("plan.slot_row", row, r)?;
-                    for (a, &y) in dst.iter_mut().zip(&ys[row * d..(row + 1) * d]) {
-                        *a += w * y;
+                    let src = &rows_in[row * d..(row + 1) * d];
+                    match weights {
+                        Some(w) => {
+                            let w = w[(chunk * rows + i) * k + j];
+                            for (a, &y) in dst.iter_mut().zip(src) {
+                                *a += w * y;
+                            }
+                        }
+                        None => {
+                            for (a, &y) in dst.iter_mut().zip(src) {
+                                *a += y;
+                            }
+                        }
                     }
                 }
             }
             Ok(())
-        }))
+        })
+    })
 }
 
 /// Dot product with independent lanes so it vectorises without reassociation flags.
