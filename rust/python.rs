@@ -20,8 +20,8 @@ impl From<KernelError> for PyErr {
         match e {
             KernelError::Value(m) => PyValueError::new_err(m),
             KernelError::Type(m) => PyTypeError::new_err(m),
-            // args = (message, unit): the Python side names the parameter from the unit index.
-            e @ KernelError::NonFinite { unit, .. } => PyValueError::new_err((e.to_string(), unit)),
+            // args = (message, unit, norm): the Python side names the parameter from the unit index.
+            e @ KernelError::NonFinite { unit, norm } => PyValueError::new_err((e.to_string(), unit, norm)),
         }
     }
 }

@@ -106,8 +106,9 @@ def test_non_finite_gradient_names_the_parameter_and_modifies_nothing(backend: s
     model(torch.randn(3, 4)).sum().backward()
     model[1].weight.grad[0, 0] = bad
     before = [p.grad.clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"1\.weight"):
+    with pytest.raises(ValueError, match=r"1\.weight") as info:
         ops.lars_(model.named_parameters(), weight_decay=0.1)
+    assert f"({bad})" in str(info.value)  # the message reports the offending norm
     for p, g in zip(model.parameters(), before):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
 

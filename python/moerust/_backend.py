@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -44,6 +44,11 @@ def native() -> ModuleType:
             f"({_IMPORT_ERROR}); reinstall moerust from a wheel or with `pip install .`"
         )
     return _native_module
+
+
+def native_fn(name: str, dtype: torch.dtype) -> Any:
+    """The dtype variant (``name_f32`` / ``name_f64``) of a Rust kernel."""
+    return getattr(native(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
 def _check_name(name: object, source: str) -> str:

@@ -164,15 +164,11 @@ def _np(t: torch.Tensor) -> Any:
     return t.detach().contiguous().numpy()
 
 
-def _native_fn(name: str, dtype: torch.dtype) -> Any:
-    return getattr(_backend.native(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
-
-
 @torch.library.custom_op("moerust::gather", mutates_args=())
 def _gather_op(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(x, row_token):
         out = x.new_empty(row_token.shape[0], x.shape[1])
-        _native_fn("gather", x.dtype)(_np(x), _np(row_token), out.numpy(), _backend.num_threads())
+        _backend.native_fn("gather", x.dtype)(_np(x), _np(row_token), out.numpy(), _backend.num_threads())
         return out
     return _gather_torch(x, row_token)
 
@@ -186,7 +182,7 @@ def _(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch
 def _gather_backward_op(grad: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(grad, slot_row):
         out = grad.new_empty(slot_row.shape[0], grad.shape[1])
-        _native_fn("gather_backward", grad.dtype)(_np(grad), _np(slot_row), out.numpy(), _backend.num_threads())
+        _backend.native_fn("gather_backward", grad.dtype)(_np(grad), _np(slot_row), out.numpy(), _backend.num_threads())
         return out
     return _slot_sum_torch(grad, None, slot_row)
 
@@ -215,7 +211,7 @@ def _combine_op(
 ) -> torch.Tensor:
     if _backend.rust_handles(ys, weights, slot_row):
         out = ys.new_empty(slot_row.shape[0], ys.shape[1])
-        _native_fn("combine", ys.dtype)(_np(ys), _np(weights), _np(slot_row), out.numpy(), _backend.num_threads())
+        _backend.native_fn("combine", ys.dtype)(_np(ys), _np(weights), _np(slot_row), out.numpy(), _backend.num_threads())
         return out
     return _slot_sum_torch(ys, weights, slot_row)
 
@@ -237,7 +233,7 @@ def _combine_backward_op(
     if _backend.rust_handles(grad, ys, weights, slot_row):
         grad_ys = ys.new_empty(ys.shape)
         grad_w = weights.new_empty(weights.shape)
-        _native_fn("combine_backward", ys.dtype)(
+        _backend.native_fn("combine_backward", ys.dtype)(
             _np(grad), _np(ys), _np(weights), _np(row_token), _np(row_slot), _np(slot_row),
             grad_ys.numpy(), grad_w.numpy(), _backend.num_threads(),
         )

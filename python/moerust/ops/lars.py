@@ -125,8 +125,7 @@ def lars_(
 
     grads_ok = all(g is not None and g.is_contiguous() for g in grads)
     if grads_ok and _backend.rust_handles(*weights, *grads):  # type: ignore[arg-type]
-        nat = _backend.native()
-        fn = nat.lars_f32 if grads[0].dtype == torch.float32 else nat.lars_f64  # type: ignore[union-attr]
+        fn = _backend.native_fn("lars", grads[0].dtype)  # type: ignore[union-attr]
         try:
             unit_ratios = fn(
                 [w.reshape(-1).numpy() for w in weights],
@@ -138,8 +137,8 @@ def lars_(
                 _backend.num_threads(),
             )
         except ValueError as exc:
-            if len(exc.args) == 2 and isinstance(exc.args[1], int):
-                raise non_finite(exc.args[1], float("nan")) from None
+            if len(exc.args) == 3 and isinstance(exc.args[1], int):  # (message, unit, norm)
+                raise non_finite(exc.args[1], exc.args[2]) from None
             raise
     else:
         unit_ratios = _lars_torch(weights, grads, unit, n_units, mode, options, non_finite)  # type: ignore[arg-type]

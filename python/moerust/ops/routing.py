@@ -36,10 +36,8 @@ def topk_route(probs: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError("probs must have at least one expert column, got shape (T, 0)")
     if _backend.rust_handles(probs):
         x = probs.detach().contiguous()
-        nat = _backend.native()
-        fn = nat.topk_route_f32 if x.dtype == torch.float32 else nat.topk_route_f64
         out = torch.empty(probs.shape[0], k, dtype=torch.int64)
-        fn(x.numpy(), out.numpy(), _backend.num_threads())
+        _backend.native_fn("topk_route", x.dtype)(x.numpy(), out.numpy(), _backend.num_threads())
         return out
     return topk_route_torch(probs, k)
 
@@ -69,10 +67,9 @@ def topp_route(
     min_k = _checks.integer(min_k, "min_k", lo=1, hi=max_k)
     if _backend.rust_handles(probs):
         x = probs.detach().contiguous()
-        nat = _backend.native()
-        fn = nat.topp_route_f32 if x.dtype == torch.float32 else nat.topp_route_f64
         idx = torch.empty(probs.shape[0], max_k, dtype=torch.int64)
         counts = torch.empty(probs.shape[0], dtype=torch.int64)
+        fn = _backend.native_fn("topp_route", x.dtype)
         fn(x.numpy(), p, min_k, idx.numpy(), counts.numpy(), _backend.num_threads())
         return idx, counts
     return topp_route_torch(probs, p, min_k, max_k)
