@@ -215,6 +215,15 @@ fn dispatch_plan<'py>(
     ))
 }
 
+/// The kernels' window: Python passes 0 for "no window".
+fn window_limit(window: usize) -> usize {
+    if window == 0 {
+        usize::MAX
+    } else {
+        window
+    }
+}
+
 /// Sliding-window mask into `out [B*q_len, k_len]` (bool); `window = 0` means unbounded.
 #[pyfunction]
 #[pyo3(signature = (q_len, k_len, window, doc_ids, out, threads))]
@@ -227,7 +236,7 @@ fn sliding_window_mask<'py>(
     mut out: PyReadwriteArray1<'py, bool>,
     threads: usize,
 ) -> PyResult<()> {
-    let w = if window == 0 { usize::MAX } else { window };
+    let w = window_limit(window);
     let docs = match &doc_ids {
         Some(a) => Some(slice!(a, "doc_ids")),
         None => None,
@@ -251,7 +260,7 @@ fn sliding_window_tiles<'py>(
     mut out: PyReadwriteArray1<'py, i8>,
     threads: usize,
 ) -> PyResult<()> {
-    let w = if window == 0 { usize::MAX } else { window };
+    let w = window_limit(window);
     let docs = match &doc_ids {
         Some(a) => Some(slice!(a, "doc_ids")),
         None => None,

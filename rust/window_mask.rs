@@ -25,6 +25,20 @@ fn check(q_len: usize, k_len: usize, window: usize) -> KResult<()> {
     Ok(())
 }
 
+/// Number of sequences: 1 without documents, else the rows of `doc_ids [B, k_len]` (with
+/// `k_len == 0` there is nothing to fill, so 0).
+fn batch(docs: Option<&[i64]>, k_len: usize) -> KResult<usize> {
+    match docs {
+        None => Ok(1),
+        Some(_) if k_len == 0 => Ok(0),
+        Some(d) => {
+            let b = d.len() / k_len;
+            check_len("doc_ids", d.len(), b * k_len)?;
+            Ok(b)
+        }
+    }
+}
+
 /// Visible key range [lo, hi) of query i before document masking.
 #[inline(always)]
 fn key_range(i: usize, q_len: usize, k_len: usize, window: usize) -> (usize, usize) {
@@ -35,16 +49,7 @@ fn key_range(i: usize, q_len: usize, k_len: usize, window: usize) -> (usize, usi
 /// Fills `out[b, q_len, k_len]` (b = 1 without documents, else `docs.len() / k_len`).
 pub fn window_mask(q_len: usize, k_len: usize, window: usize, docs: Option<&[i64]>, out: &mut [bool]) -> KResult<()> {
     check(q_len, k_len, window)?;
-    let b = match docs {
-        Some(d) if k_len > 0 => d.len() / k_len,
-        Some(d) => d.len(), // k_len == 0: nothing to fill
-        None => 1,
-    };
-    if let Some(d) = docs {
-        if k_len > 0 {
-            check_len("doc_ids", d.len(), b * k_len)?;
-        }
-    }
+    let b = batch(docs, k_len)?;
     check_len("out", out.len(), b * q_len * k_len)?;
     if q_len == 0 || k_len == 0 {
         return Ok(());
@@ -86,11 +91,7 @@ pub fn window_tiles(
         return value_err(format!("block sizes must be >= 1, got block_q={block_q}, block_k={block_k}"));
     }
     let (nq, nk) = (q_len.div_ceil(block_q), k_len.div_ceil(block_k));
-    let b = match docs {
-        Some(d) if k_len > 0 => d.len() / k_len,
-        Some(d) => d.len(),
-        None => 1,
-    };
+    let b = batch(docs, k_len)?;
     check_len("out", out.len(), b * nq * nk)?;
     if nq == 0 || nk == 0 {
         return Ok(());
