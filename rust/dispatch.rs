@@ -268,7 +268,7 @@ pub fn combine_backward<F: Real>(
     check_len("weights", weights.len(), n)?;
     check_len("grad_ys", grad_ys.len(), r * d)?;
     check_len("grad_w", grad_w.len(), n)?;
-    let t = if d == 0 { 0 } else { grad.len() / d };
+    let t = grad.len().checked_div(d).unwrap_or(0);
     check_len("grad", grad.len(), t * d)?;
     // Dot products land per row (contiguous, safe to write in parallel), then move to their slots.
     let mut dots = vec![F::ZERO; r];

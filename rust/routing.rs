@@ -192,8 +192,7 @@ pub fn topp_route<F: RankKey>(
             {
                 heap.clear();
                 for (j, &v) in row.iter().enumerate() {
-                    // `!(v >= 0)` also catches NaN.
-                    if !(v >= F::ZERO) {
+                    if v.is_nan() || v < F::ZERO {
                         let row_no = chunk * rows + r;
                         return if v.is_nan() {
                             nan_error(row_no)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import moerust
 from moerust import ops
 
 from . import reference
