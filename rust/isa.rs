@@ -1,12 +1,20 @@
 //! Runtime instruction-set selection. Wheels target baseline x86-64 (SSE2) so they run anywhere;
-//! hot loops are re-compiled for AVX2+FMA and picked at run time when the CPU has them. Rust never
+//! hot loops are re-compiled for AVX-512 or AVX2+FMA and picked at run time when the CPU has them. Rust never
 //! contracts `a * b + c` into an FMA on its own, so both versions give bit-identical results.
 
-/// Runs `f` compiled with AVX2 and FMA enabled when the CPU supports them, else as is.
+/// Runs `f` compiled with AVX-512F (or else AVX2) and FMA enabled when the CPU supports them, else as is.
 #[inline(always)]
 pub fn with_best_isa<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: `avx512` only requires the AVX-512F, AVX2 and FMA features, detected just above.
+            return unsafe { avx512(f) };
+        }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {

@@ -3,13 +3,17 @@
 //! the requested size, and returns numpy arrays that torch wraps without copying.
 //! Dtype dispatch is by name (`_f32` / `_f64`); the Python side picks the variant.
 
-use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3,
+    PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::dispatch;
 use crate::error::KernelError;
+use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
 use crate::routing;
 use crate::threads::with_threads;
@@ -191,6 +195,67 @@ macro_rules! float_kernels {
 float_kernels!(f32, topk_route_f32, topp_route_f32, gather_f32, gather_backward_f32, combine_f32, combine_backward_f32, lars_f32);
 float_kernels!(f64, topk_route_f64, topp_route_f64, gather_f64, gather_backward_f64, combine_f64, combine_backward_f64, lars_f64);
 
+/// The shape of an expert-MLP call from `xs [R, d]` and `w2 [E, d, F]`.
+fn mlp_shape(xs: &[usize], w2: &[usize], activation: &str) -> PyResult<MlpShape> {
+    Ok(MlpShape { r: xs[0], d: xs[1], e: w2[0], f: w2[2], act: Activation::parse(activation)? })
+}
+
+/// GEMM work of an expert-MLP call (multiply-adds), for sizing the pool.
+fn mlp_work(s: &MlpShape) -> usize {
+    s.r.saturating_mul(s.d).saturating_mul(s.f).saturating_mul(3)
+}
+
+macro_rules! mlp_kernels {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        /// Expert MLP forward into `h [R, H1]` and `out [R, d]`.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments)]
+        fn $fwd<'py>(
+            py: Python<'py>,
+            xs: PyReadonlyArray2<'py, $t>,
+            w1: PyReadonlyArray3<'py, $t>,
+            w2: PyReadonlyArray3<'py, $t>,
+            offsets: PyReadonlyArray1<'py, i64>,
+            activation: &str,
+            mut h: PyReadwriteArray2<'py, $t>,
+            mut out: PyReadwriteArray2<'py, $t>,
+            threads: usize,
+        ) -> PyResult<()> {
+            let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
+            let (x, a, b, off) = (slice!(xs, "xs"), slice!(w1, "w1"), slice!(w2, "w2"), slice!(offsets, "offsets"));
+            let (hv, o) = (slice_mut!(h, "h"), slice_mut!(out, "out"));
+            Ok(run(py, threads, mlp_work(&s), || expert_mlp::expert_mlp_forward(&s, x, a, b, off, hv, o))?)
+        }
+
+        /// Expert MLP backward into `dxs [R, d]`, `dw1 [E, H1, d]` and `dw2 [E, d, F]`.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments)]
+        fn $bwd<'py>(
+            py: Python<'py>,
+            grad: PyReadonlyArray2<'py, $t>,
+            xs: PyReadonlyArray2<'py, $t>,
+            h: PyReadonlyArray2<'py, $t>,
+            w1: PyReadonlyArray3<'py, $t>,
+            w2: PyReadonlyArray3<'py, $t>,
+            offsets: PyReadonlyArray1<'py, i64>,
+            activation: &str,
+            mut dxs: PyReadwriteArray2<'py, $t>,
+            mut dw1: PyReadwriteArray3<'py, $t>,
+            mut dw2: PyReadwriteArray3<'py, $t>,
+            threads: usize,
+        ) -> PyResult<()> {
+            let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
+            let (g, x, hv) = (slice!(grad, "grad"), slice!(xs, "xs"), slice!(h, "h"));
+            let (a, b, off) = (slice!(w1, "w1"), slice!(w2, "w2"), slice!(offsets, "offsets"));
+            let (dx, da, db) = (slice_mut!(dxs, "dxs"), slice_mut!(dw1, "dw1"), slice_mut!(dw2, "dw2"));
+            Ok(run(py, threads, 2 * mlp_work(&s), || expert_mlp::expert_mlp_backward(&s, g, x, hv, a, b, off, dx, da, db))?)
+        }
+    };
+}
+
+mlp_kernels!(f32, expert_mlp_forward_f32, expert_mlp_backward_f32);
+mlp_kernels!(f64, expert_mlp_forward_f64, expert_mlp_backward_f64);
+
 /// Dispatch plan: (counts, offsets, row_token, row_slot, slot_row flat `[T*K]`, dropped).
 #[pyfunction]
 #[pyo3(signature = (idx, num_experts, capacity, threads))]
@@ -298,6 +363,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lars_f64, m)?)?;
     m.add_function(wrap_pyfunction!(sliding_window_mask, m)?)?;
     m.add_function(wrap_pyfunction!(sliding_window_tiles, m)?)?;
+    m.add_function(wrap_pyfunction!(expert_mlp_forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(expert_mlp_forward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(expert_mlp_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(expert_mlp_backward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
     Ok(())
 }

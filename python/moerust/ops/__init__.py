@@ -5,11 +5,13 @@ and as a pure-torch twin with identical semantics otherwise (CUDA tensors, bfloa
 * :func:`topk_route`, :func:`topp_route`: expert selection.
 * :func:`dispatch_plan` -> :class:`Plan`, :func:`gather`, :func:`combine`: token <-> expert
   reordering (gather and combine are differentiable custom ops).
+* :func:`expert_mlp`: every expert's MLP over its rows (differentiable).
 * :func:`lars_`: in-place LARS / bidirectional gradient scaling.
 * :func:`sliding_window_mask`, :func:`sliding_window_tiles`: windowed attention masks.
 """
 
 from .dispatch import Plan, combine, dispatch_plan, gather
+from .experts import expert_mlp
 from .lars import lars_
 from .routing import topk_route, topp_route
 from .window import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, sliding_window_mask, sliding_window_tiles
@@ -21,6 +23,7 @@ __all__ = [
     "TILE_PARTIAL",
     "combine",
     "dispatch_plan",
+    "expert_mlp",
     "gather",
     "lars_",
     "sliding_window_mask",

@@ -1,0 +1,46 @@
+//! Timings of the expert MLP kernel without Python: `cargo run --release --example mlp_timing [threads]`.
+
+use std::time::Instant;
+
+use _native::expert_mlp::{expert_mlp_backward, expert_mlp_forward, Activation, MlpShape};
+use _native::threads::with_threads;
+
+fn time<F: FnMut()>(name: &str, mut f: F) -> f64 {
+    f();
+    let n = 7;
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!("{name:<48} {:>9.2} ms", v[n / 2]);
+    v[n / 2]
+}
+
+fn main() {
+    let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
+    for &(d, f, e, k, t) in &[(64usize, 256usize, 8usize, 2usize, 1024usize), (256, 1024, 8, 2, 2048), (256, 512, 64, 8, 2048)] {
+        let r = k * t;
+        let s = MlpShape { r, d, e, f, act: Activation::SwiGlu };
+        let per = r / e;
+        let offsets: Vec<i64> = (0..=e).map(|i| (i * per).min(r) as i64).collect();
+        let mut offsets = offsets;
+        offsets[e] = r as i64;
+        let xs = vec![0.01f32; r * d];
+        let w1 = vec![0.02f32; e * 2 * f * d];
+        let w2 = vec![0.03f32; e * d * f];
+        let mut h = vec![0.0f32; r * 2 * f];
+        let mut out = vec![0.0f32; r * d];
+        let (mut dxs, mut dw1, mut dw2) = (vec![0.0f32; r * d], vec![0.0f32; w1.len()], vec![0.0f32; w2.len()]);
+        let gflop = 2.0 * 3.0 * (r * d * 2 * f + r * f * d) as f64 / 1e9;
+        let name = format!("d={d} f={f} E={e} k={k} T={t} thr={threads}");
+        let fw = time(&format!("{name} fwd"), || with_threads(threads, usize::MAX, || expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()));
+        let bw = time(&format!("{name} bwd"), || {
+            with_threads(threads, usize::MAX, || expert_mlp_backward(&s, &out, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap())
+        });
+        println!("  {:.1} GFLOP/s", gflop / ((fw + bw) / 1e3));
+    }
+}

@@ -1,0 +1,539 @@
+//! The experts' MLPs over the expert-sorted rows of a dispatch plan.
+//!
+//! Expert e owns rows `offsets[e]..offsets[e+1]` of `xs [R, d]` and computes
+//! `h = x W1_e^T` (`W1 [E, H1, d]`), `a = act(h)`, `y = a W2_e^T` (`W2 [E, d, F]`).
+//! With SwiGLU, `H1 = 2F` and the first F rows of `W1_e` are the gate (`a = silu(g) * u`);
+//! with GELU, `H1 = F` and `a = gelu(h)` (the exact, erf form).
+//!
+//! Why a kernel and not one `mm` per expert: at high thread counts each expert's GEMM is small,
+//! and spreading every small GEMM (and every elementwise pass) over all cores costs more in
+//! synchronisation than it gains. Here the unit of parallel work is a tile of rows of one expert:
+//! one core runs both GEMMs of the tile and the activation between them while the tile is still
+//! in its cache, and tiles of all experts are scheduled together, so experts with few rows still
+//! keep every core busy. The weight gradients are tiled the same way, by blocks of output rows.
+//! GEMMs are the `gemm` crate's single-threaded kernels (runtime-selected SIMD, AVX-512 included).
+
+use rayon::prelude::*;
+
+use crate::error::{check_len, value_err, KResult};
+use crate::isa::with_best_isa;
+use crate::real::Real;
+
+/// The expert MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(gate) * up`, gate rows first in `W1` (the Mixtral / Qwen / HF concatenated layout).
+    SwiGlu,
+    /// `gelu(h)` with the exact erf formula (torch's default GELU).
+    Gelu,
+}
+
+impl Activation {
+    /// Parses "swiglu" / "gelu".
+    pub fn parse(name: &str) -> KResult<Self> {
+        match name {
+            "swiglu" => Ok(Activation::SwiGlu),
+            "gelu" => Ok(Activation::Gelu),
+            other => value_err(format!("activation must be 'swiglu' or 'gelu', got {other:?}")),
+        }
+    }
+
+    /// Rows of `W1` per expert for an MLP of hidden size `f`.
+    pub fn h1(self, f: usize) -> usize {
+        match self {
+            Activation::SwiGlu => 2 * f,
+            Activation::Gelu => f,
+        }
+    }
+}
+
+/// Float types the expert kernels run on: what `Real` has, plus the few functions the
+/// activations need.
+pub trait MlpReal: Real + std::ops::Sub<Output = Self> + std::ops::Div<Output = Self> {
+    /// 1.
+    const ONE: Self;
+    /// `e^x`.
+    fn exp(self) -> Self;
+    /// The error function.
+    fn erf(self) -> Self;
+}
+
+impl MlpReal for f32 {
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+}
+
+impl MlpReal for f64 {
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+}
+
+/// `e^x` in f32 within 2 ulp, written branch-free so the activation loops vectorise (the
+/// library `expf` is a scalar call, which would cost more than the GEMMs when d is small).
+/// Cephes' range reduction `x = n ln2 + r` and polynomial for `e^r` on |r| <= ln2/2.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    // e^88 and e^-87 are within the normal range; beyond them the result saturates to a finite
+    // huge / tiny value (callers only use it in 1 / (1 + e^x), where that is exact enough).
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
+        + 0.5;
+    let y = p * r * r + r + 1.0;
+    // n is an integer in [-126, 127], so n + 127 is a valid biased exponent.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    y * scale
+}
+
+#[inline(always)]
+fn sigmoid<T: MlpReal>(x: T) -> T {
+    T::ONE / (T::ONE + (T::ZERO - x).exp())
+}
+
+/// `a = act(h)` for one row (`h` has `H1` entries, `a` has F).
+#[inline(always)]
+fn act_forward<T: MlpReal>(act: Activation, h: &[T], a: &mut [T]) {
+    let f = a.len();
+    match act {
+        Activation::SwiGlu => {
+            let (g, u) = h.split_at(f);
+            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                *a = g * sigmoid(g) * u;
+            }
+        }
+        Activation::Gelu => {
+            for (a, &h) in a.iter_mut().zip(h) {
+                *a = gelu(h);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn gelu<T: MlpReal>(h: T) -> T {
+    let half = T::from_f64(0.5);
+    h * half * (T::ONE + (h * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+/// For one row: `a = act(h)` (kept for the weight gradient) and `dh = da * act'(h)`.
+#[inline(always)]
+fn act_backward<T: MlpReal>(act: Activation, h: &[T], da: &[T], a: &mut [T], dh: &mut [T]) {
+    let f = a.len();
+    match act {
+        Activation::SwiGlu => {
+            let (g, u) = h.split_at(f);
+            let (dg, du) = dh.split_at_mut(f);
+            for (((((a, dg), du), &g), &u), &da) in a.iter_mut().zip(dg).zip(du).zip(g).zip(u).zip(da) {
+                let s = sigmoid(g);
+                let silu = g * s;
+                *a = silu * u;
+                *du = da * silu;
+                // d silu / dg = s * (1 + g * (1 - s))
+                *dg = da * u * (s * (T::ONE + g * (T::ONE - s)));
+            }
+        }
+        Activation::Gelu => {
+            let inv_sqrt_2pi = T::from_f64(0.398_942_280_401_432_7);
+            let half = T::from_f64(0.5);
+            for (((a, dh), &h), &da) in a.iter_mut().zip(dh).zip(h).zip(da) {
+                let cdf = half * (T::ONE + (h * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+                *a = h * cdf;
+                let pdf = inv_sqrt_2pi * (T::ZERO - half * h * h).exp();
+                *dh = da * (cdf + h * pdf);
+            }
+        }
+    }
+}
+
+/// Row and column strides of a matrix operand.
+#[derive(Clone, Copy)]
+struct Strides {
+    rs: usize,
+    cs: usize,
+}
+
+/// A row-major matrix with rows of `width` entries.
+#[allow(non_snake_case)]
+fn ROW_MAJOR(width: usize) -> Strides {
+    Strides { rs: width, cs: 1 }
+}
+
+/// The transpose of a row-major matrix with rows of `width` entries.
+#[allow(non_snake_case)]
+fn TRANSPOSED(width: usize) -> Strides {
+    Strides { rs: 1, cs: width }
+}
+
+fn last_index(rows: usize, cols: usize, s: Strides) -> usize {
+    (rows - 1) * s.rs + (cols - 1) * s.cs
+}
+
+/// `dst [m, n]` (row-major, rows `dst_rs` apart) `= lhs [m, k] · rhs [k, n]` on one thread.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: MlpReal>(m: usize, n: usize, k: usize, dst: &mut [T], dst_rs: usize, lhs: &[T], ls: Strides, rhs: &[T], rs: Strides) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(last_index(m, n, ROW_MAJOR(dst_rs)) < dst.len(), "matmul: dst too small");
+    if k == 0 {
+        for row in dst.chunks_mut(dst_rs).take(m) {
+            row[..n].fill(T::ZERO);
+        }
+        return;
+    }
+    assert!(last_index(m, k, ls) < lhs.len(), "matmul: lhs too small");
+    assert!(last_index(k, n, rs) < rhs.len(), "matmul: rhs too small");
+    // SAFETY: the asserts above prove every element gemm reads or writes (the largest offsets
+    // are the last indices checked) lies inside the borrowed slices; `dst` is borrowed mutably,
+    // so it cannot alias `lhs` or `rhs`; read_dst = false, so dst's old contents are not read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs.as_ptr(),
+            ls.cs as isize,
+            ls.rs as isize,
+            rhs.as_ptr(),
+            rs.cs as isize,
+            rs.rs as isize,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Shapes of one expert-MLP call.
+#[derive(Debug, Clone, Copy)]
+pub struct MlpShape {
+    /// Rows of the expert-sorted buffer.
+    pub r: usize,
+    /// Model width.
+    pub d: usize,
+    /// Experts.
+    pub e: usize,
+    /// Hidden width of one expert.
+    pub f: usize,
+    /// Activation.
+    pub act: Activation,
+}
+
+impl MlpShape {
+    fn h1(&self) -> usize {
+        self.act.h1(self.f)
+    }
+}
+
+/// Checks the offsets (an exclusive scan ending at R) and turns them into row ranges.
+fn expert_ranges(offsets: &[i64], s: &MlpShape) -> KResult<Vec<(usize, usize)>> {
+    check_len("offsets", offsets.len(), s.e + 1)?;
+    if offsets[0] != 0 || offsets[s.e] != s.r as i64 {
+        return value_err(format!("offsets must start at 0 and end at {} (the rows of xs), got {} .. {}", s.r, offsets[0], offsets[s.e]));
+    }
+    let mut ranges = Vec::with_capacity(s.e);
+    for w in offsets.windows(2) {
+        if w[1] < w[0] {
+            return value_err(format!("offsets must be non-decreasing, got {} then {}", w[0], w[1]));
+        }
+        ranges.push((w[0] as usize, w[1] as usize));
+    }
+    Ok(ranges)
+}
+
+/// Splits each expert's rows into tiles of about `rows_per_tile` rows: `(expert, start, end)`.
+/// The tiles partition `0..R` in order.
+fn row_tiles(ranges: &[(usize, usize)], rows_per_tile: usize) -> Vec<(usize, usize, usize)> {
+    let mut tiles = Vec::new();
+    for (e, &(lo, hi)) in ranges.iter().enumerate() {
+        let n = hi - lo;
+        if n == 0 {
+            continue;
+        }
+        // Equal tiles rather than full tiles plus a sliver.
+        let parts = n.div_ceil(rows_per_tile);
+        let step = n.div_ceil(parts);
+        let mut start = lo;
+        while start < hi {
+            let end = (start + step).min(hi);
+            tiles.push((e, start, end));
+            start = end;
+        }
+    }
+    tiles
+}
+
+/// Rows per tile: several tiles per thread (uneven experts still balance), but not so few rows
+/// that packing the expert's weights for each tile outweighs the tile's arithmetic.
+fn tile_rows(total_rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    // The `gemm` crate packs the expert's weights again for every tile, a cost of about 1/rows
+    // of the tile's arithmetic: tiles of 256-512 rows keep it small.
+    total_rows.div_ceil(2 * threads).next_multiple_of(16).clamp(64, 512)
+}
+
+/// Cuts `buf` (rows of `width` entries) into the row ranges of `tiles`, which partition it in order.
+fn split_by_tiles<'a, T>(mut buf: &'a mut [T], width: usize, tiles: &[(usize, usize, usize)]) -> Vec<&'a mut [T]> {
+    let mut parts = Vec::with_capacity(tiles.len());
+    for &(_, start, end) in tiles {
+        let (head, tail) = buf.split_at_mut((end - start) * width);
+        parts.push(head);
+        buf = tail;
+    }
+    parts
+}
+
+fn check_sizes<T>(s: &MlpShape, xs: &[T], w1: &[T], w2: &[T]) -> KResult<()> {
+    check_len("xs", xs.len(), s.r * s.d)?;
+    check_len("w1", w1.len(), s.e * s.h1() * s.d)?;
+    check_len("w2", w2.len(), s.e * s.d * s.f)
+}
+
+/// Forward: fills `h [R, H1]` (pre-activations, kept for the backward) and `out [R, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_mlp_forward<T: MlpReal>(
+    s: &MlpShape,
+    xs: &[T],
+    w1: &[T],
+    w2: &[T],
+    offsets: &[i64],
+    h: &mut [T],
+    out: &mut [T],
+) -> KResult<()> {
+    check_sizes(s, xs, w1, w2)?;
+    let (d, f, h1) = (s.d, s.f, s.h1());
+    check_len("h", h.len(), s.r * h1)?;
+    check_len("out", out.len(), s.r * d)?;
+    let ranges = expert_ranges(offsets, s)?;
+    if s.r == 0 {
+        return Ok(());
+    }
+    let tiles = row_tiles(&ranges, tile_rows(s.r));
+    let h_parts = split_by_tiles(h, h1, &tiles);
+    let out_parts = split_by_tiles(out, d, &tiles);
+    tiles.par_iter().zip(h_parts).zip(out_parts).for_each_init(Vec::new, |a, ((&(e, lo, hi), h), out)| {
+        let n = hi - lo;
+        let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
+        let w2e = &w2[e * d * f..(e + 1) * d * f];
+        matmul(n, h1, d, h, h1, &xs[lo * d..hi * d], ROW_MAJOR(d), w1e, TRANSPOSED(d));
+        a.resize(n * f, T::ZERO);
+        with_best_isa(|| {
+            for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
+                act_forward(s.act, hr, ar);
+            }
+        });
+        matmul(n, d, f, out, d, a, ROW_MAJOR(f), w2e, TRANSPOSED(f));
+    });
+    Ok(())
+}
+
+/// Gradients of the forward: `dxs [R, d]`, `dw1 [E, H1, d]`, `dw2 [E, d, F]` from the output
+/// gradient `grad [R, d]` and the saved `xs` and `h`.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_mlp_backward<T: MlpReal>(
+    s: &MlpShape,
+    grad: &[T],
+    xs: &[T],
+    h: &[T],
+    w1: &[T],
+    w2: &[T],
+    offsets: &[i64],
+    dxs: &mut [T],
+    dw1: &mut [T],
+    dw2: &mut [T],
+) -> KResult<()> {
+    check_sizes(s, xs, w1, w2)?;
+    let (d, f, h1) = (s.d, s.f, s.h1());
+    check_len("grad", grad.len(), s.r * d)?;
+    check_len("h", h.len(), s.r * h1)?;
+    check_len("dxs", dxs.len(), s.r * d)?;
+    check_len("dw1", dw1.len(), w1.len())?;
+    check_len("dw2", dw2.len(), w2.len())?;
+    let ranges = expert_ranges(offsets, s)?;
+
+    // Phase 1, per row tile: da = grad W2_e, then a and dh from h, then dxs = dh W1_e.
+    // `a` and `dh` are kept whole: the weight gradients need them summed over all of an expert's rows.
+    let mut a_all = vec![T::ZERO; s.r * f];
+    let mut dh_all = vec![T::ZERO; s.r * h1];
+    if s.r > 0 {
+        let tiles = row_tiles(&ranges, tile_rows(s.r));
+        let a_parts = split_by_tiles(&mut a_all, f, &tiles);
+        let dh_parts = split_by_tiles(&mut dh_all, h1, &tiles);
+        let dx_parts = split_by_tiles(dxs, d, &tiles);
+        tiles.par_iter().zip(a_parts).zip(dh_parts).zip(dx_parts).for_each_init(Vec::new, |da, (((&(e, lo, hi), a), dh), dx)| {
+            let n = hi - lo;
+            let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
+            let w2e = &w2[e * d * f..(e + 1) * d * f];
+            da.resize(n * f, T::ZERO);
+            matmul(n, f, d, da, f, &grad[lo * d..hi * d], ROW_MAJOR(d), w2e, ROW_MAJOR(f));
+            with_best_isa(|| {
+                let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
+                for ((hr, dar), (ar, dhr)) in rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1))) {
+                    act_backward(s.act, hr, dar, ar, dhr);
+                }
+            });
+            matmul(n, d, h1, dx, d, dh, ROW_MAJOR(h1), w1e, ROW_MAJOR(d));
+        });
+    }
+
+    // Phase 2, per block of output rows of each expert's weight gradients:
+    // dW1_e = dh_e^T xs_e and dW2_e = grad_e^T a_e (a sum over the expert's rows, in row order).
+    let block = tile_rows(s.e * (h1 + d)).min(h1.max(d)).max(1);
+    let mut tasks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
+    for (e, (g1, g2)) in dw1.chunks_mut(h1 * d).zip(dw2.chunks_mut(d * f)).enumerate() {
+        for (i, c) in g1.chunks_mut(block * d).enumerate() {
+            tasks.push((e, true, i * block, c));
+        }
+        for (i, c) in g2.chunks_mut(block * f).enumerate() {
+            tasks.push((e, false, i * block, c));
+        }
+    }
+    let (a_all, dh_all) = (&a_all, &dh_all);
+    tasks.into_par_iter().for_each(|(e, is_w1, i0, out)| {
+        let (lo, hi) = ranges[e];
+        let n = hi - lo;
+        if n == 0 {
+            out.fill(T::ZERO); // an expert without rows has zero gradient
+            return;
+        }
+        if is_w1 {
+            let m = out.len() / d;
+            matmul(m, d, n, out, d, &dh_all[lo * h1 + i0..hi * h1], TRANSPOSED(h1), &xs[lo * d..hi * d], ROW_MAJOR(d));
+        } else {
+            let m = out.len() / f;
+            matmul(m, f, n, out, f, &grad[lo * d + i0..hi * d], TRANSPOSED(d), &a_all[lo * f..hi * f], ROW_MAJOR(f));
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain triple loops in f64: the reference the kernels are checked against.
+    fn reference(s: &MlpShape, xs: &[f64], w1: &[f64], w2: &[f64], offsets: &[i64], grad: &[f64]) -> [Vec<f64>; 4] {
+        let (d, f, h1) = (s.d, s.f, s.h1());
+        let mut out = vec![0.0; s.r * d];
+        let (mut dxs, mut dw1, mut dw2) = (vec![0.0; s.r * d], vec![0.0; w1.len()], vec![0.0; w2.len()]);
+        for e in 0..s.e {
+            for r in offsets[e] as usize..offsets[e + 1] as usize {
+                let x = &xs[r * d..(r + 1) * d];
+                let hrow: Vec<f64> = (0..h1).map(|i| (0..d).map(|j| w1[(e * h1 + i) * d + j] * x[j]).sum()).collect();
+                let mut a = vec![0.0; f];
+                act_forward(s.act, &hrow, &mut a);
+                for i in 0..d {
+                    out[r * d + i] = (0..f).map(|j| w2[(e * d + i) * f + j] * a[j]).sum();
+                }
+                let g = &grad[r * d..(r + 1) * d];
+                let da: Vec<f64> = (0..f).map(|j| (0..d).map(|i| g[i] * w2[(e * d + i) * f + j]).sum()).collect();
+                let (mut a2, mut dh) = (vec![0.0; f], vec![0.0; h1]);
+                act_backward(s.act, &hrow, &da, &mut a2, &mut dh);
+                for j in 0..d {
+                    dxs[r * d + j] = (0..h1).map(|i| dh[i] * w1[(e * h1 + i) * d + j]).sum();
+                }
+                for i in 0..h1 {
+                    for j in 0..d {
+                        dw1[(e * h1 + i) * d + j] += dh[i] * x[j];
+                    }
+                }
+                for i in 0..d {
+                    for j in 0..f {
+                        dw2[(e * d + i) * f + j] += g[i] * a2[j];
+                    }
+                }
+            }
+        }
+        [out, dxs, dw1, dw2]
+    }
+
+    fn lcg(n: usize, seed: u64) -> Vec<f64> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+            })
+            .collect()
+    }
+
+    fn check(act: Activation, counts: &[usize], d: usize, f: usize) {
+        let r: usize = counts.iter().sum();
+        let s = MlpShape { r, d, e: counts.len(), f, act };
+        let mut offsets = vec![0i64];
+        for &c in counts {
+            offsets.push(offsets.last().unwrap() + c as i64);
+        }
+        let (xs, w1, w2, grad) = (lcg(r * d, 1), lcg(s.e * s.h1() * d, 2), lcg(s.e * d * f, 3), lcg(r * d, 4));
+        let want = reference(&s, &xs, &w1, &w2, &offsets, &grad);
+        let mut h = vec![0.0; r * s.h1()];
+        let mut out = vec![0.0; r * d];
+        expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap();
+        let (mut dxs, mut dw1, mut dw2) = (vec![0.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
+        expert_mlp_backward(&s, &grad, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap();
+        for (name, got, want) in [("out", &out, &want[0]), ("dxs", &dxs, &want[1]), ("dw1", &dw1, &want[2]), ("dw2", &dw2, &want[3])] {
+            for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "{name}[{i}]: {g} vs {w} ({act:?}, {counts:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_reference() {
+        for act in [Activation::SwiGlu, Activation::Gelu] {
+            check(act, &[3, 0, 5], 4, 6);
+            check(act, &[1], 1, 1);
+            check(act, &[0, 0], 3, 2);
+            check(act, &[300, 7, 0, 129], 8, 5); // several tiles per expert
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_f32(x) as f64) - want).abs() / want);
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(f32::NEG_INFINITY), exp_f32(-87.0));
+    }
+
+    #[test]
+    fn bad_offsets_are_errors() {
+        let s = MlpShape { r: 2, d: 1, e: 2, f: 1, act: Activation::Gelu };
+        let (xs, w1, w2) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
+        let (mut h, mut out) = (vec![0.0f32; 2], vec![0.0f32; 2]);
+        for offsets in [vec![0i64, 2], vec![0, 3, 2], vec![1, 1, 2], vec![0, 1, 3]] {
+            assert!(expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).is_err(), "{offsets:?}");
+        }
+        assert!(Activation::parse("relu").is_err());
+    }
+}
