@@ -45,7 +45,7 @@ fn main() {
             .collect();
         for threads in [1, 2] {
             time(&format!("topp t={t} e={e} p=0.4 threads={threads}"), || {
-                with_threads(threads, usize::MAX, || routing::topp_route(&norm, t, e, 0.4, 1, e, &mut idx, &mut counts)).unwrap()
+                with_threads(threads, usize::MAX, || routing::topp_route(&norm, t, e, &[0.4], 1, e, &mut idx, &mut counts)).unwrap()
             });
         }
         let ids: Vec<i64> = out.clone();

@@ -67,21 +67,22 @@ macro_rules! float_kernels {
             Ok(run(py, threads, t * e, || routing::topk_route(p, t, e, k, o))?)
         }
 
-        /// Top-p expert indices into `idx [T, max_k]` (-1 padded) and `counts [T]`.
+        /// Top-p expert indices into `idx [T, max_k]` (-1 padded) and `counts [T]`; `p` holds one
+        /// threshold or one per row.
         #[pyfunction]
         fn $topp<'py>(
             py: Python<'py>,
             probs: PyReadonlyArray2<'py, $t>,
-            p: f32,
+            p: PyReadonlyArray1<'py, f32>,
             min_k: usize,
             mut idx: PyReadwriteArray2<'py, i64>,
             mut counts: PyReadwriteArray1<'py, i64>,
             threads: usize,
         ) -> PyResult<()> {
             let (t, e, max_k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
-            let pr = slice!(probs, "probs");
+            let (pr, pv) = (slice!(probs, "probs"), slice!(p, "p"));
             let (ix, c) = (slice_mut!(idx, "idx"), slice_mut!(counts, "counts"));
-            Ok(run(py, threads, t * e, || routing::topp_route(pr, t, e, p, min_k, max_k, ix, c))?)
+            Ok(run(py, threads, t * e, || routing::topp_route(pr, t, e, pv, min_k, max_k, ix, c))?)
         }
 
         /// `out[r] = x[row_token[r]]` into `out [R, d]`.

@@ -157,7 +157,7 @@ pub fn topp_route<F: RankKey>(
     probs: &[F],
     t: usize,
     e: usize,
-    p: f32,
+    p: &[f32],
     min_k: usize,
     max_k: usize,
     idx: &mut [i64],
@@ -166,8 +166,11 @@ pub fn topp_route<F: RankKey>(
     check_len("probs", probs.len(), t * e)?;
     check_len("idx", idx.len(), t * max_k)?;
     check_len("counts", counts.len(), t)?;
-    if !(0.0..=1.0).contains(&p) {
-        return value_err(format!("p must be in [0, 1], got {p}"));
+    if p.len() != 1 && p.len() != t {
+        return value_err(format!("p must hold 1 threshold or one per row ({t}), got {}", p.len()));
+    }
+    if let Some(bad) = p.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+        return value_err(format!("p must be in [0, 1], got {bad}"));
     }
     if min_k < 1 || min_k > max_k || max_k > e {
         return value_err(format!(
@@ -202,6 +205,7 @@ pub fn topp_route<F: RankKey>(
                     }
                     heap.push(F::key(v, j));
                 }
+                let p = if p.len() == 1 { p[0] } else { p[chunk * rows + r] };
                 let mut acc = 0.0f32;
                 let mut kept = 0usize;
                 let mut len = e;
@@ -265,7 +269,7 @@ mod tests {
         let t = p.len() / e;
         let mut idx = vec![0; t * max_k];
         let mut counts = vec![0; t];
-        topp_route(p, t, e, pp, min_k, max_k, &mut idx, &mut counts).unwrap();
+        topp_route(p, t, e, &[pp], min_k, max_k, &mut idx, &mut counts).unwrap();
         (idx, counts)
     }
 
@@ -324,6 +328,6 @@ mod tests {
     fn topp_rejects_negative_probs() {
         let mut idx = vec![0; 2];
         let mut counts = vec![0; 1];
-        assert!(topp_route(&[-0.1f32, 0.2], 1, 2, 0.5, 1, 2, &mut idx, &mut counts).is_err());
+        assert!(topp_route(&[-0.1f32, 0.2], 1, 2, &[0.5], 1, 2, &mut idx, &mut counts).is_err());
     }
 }

@@ -42,6 +42,20 @@ def test_topp_backends_agree_with_reference(probs: torch.Tensor, data: st.DataOb
         assert counts.tolist() == exp_counts, name
 
 
+@settings(max_examples=80, deadline=None)
+@given(probs=prob_matrices(), data=st.data())
+def test_topp_per_row_thresholds(probs: torch.Tensor, data: st.DataObject) -> None:
+    """A [T] tensor of thresholds acts row by row like the scalar form."""
+    t, e = probs.shape
+    ps = data.draw(st.lists(st.floats(0.0, 1.0, width=32), min_size=t, max_size=t))
+    max_k = data.draw(st.integers(1, e))
+    got = on_both(ops.topp_route, probs, torch.tensor(ps, dtype=torch.float32), min_k=1, max_k=max_k)
+    rows = [reference.topp([row], p, 1, max_k) for row, p in zip(probs.tolist(), ps)]
+    for name, (idx, counts) in got.items():
+        assert idx.tolist() == [r[0][0] for r in rows], name
+        assert counts.tolist() == [r[1][0] for r in rows], name
+
+
 def test_topp_keeps_the_expert_that_crosses_p(backend: str) -> None:
     probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
     idx, counts = ops.topp_route(probs, 0.4)

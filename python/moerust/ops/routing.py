@@ -6,7 +6,7 @@ indices only; gather the weights from ``probs`` in torch so autograd stays in to
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -48,8 +48,22 @@ def topk_route_torch(probs: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(probs.detach(), dim=1, descending=True, stable=True).indices[:, :k].contiguous()
 
 
+def _check_p(p: object, rows: int) -> Union[float, torch.Tensor]:
+    """A float in [0, 1], or a ``[T]`` tensor of thresholds in [0, 1] (one per row)."""
+    if not isinstance(p, torch.Tensor):
+        return _checks.real(p, "p", lo=0.0, hi=1.0)
+    if p.dim() != 1 or p.shape[0] != rows:
+        raise ValueError(f"p must be a number or a tensor of shape ({rows},) (one per row), got shape {tuple(p.shape)}")
+    if not p.is_floating_point():
+        raise TypeError(f"p must have a floating-point dtype, got {p.dtype}")
+    p = p.detach().to(torch.float32)
+    if bool(((p < 0) | (p > 1) | torch.isnan(p)).any()):
+        raise ValueError("p must be in [0.0, 1.0] in every row")
+    return p
+
+
 def topp_route(
-    probs: torch.Tensor, p: float, min_k: int = 1, max_k: Optional[int] = None
+    probs: torch.Tensor, p: Union[float, torch.Tensor], min_k: int = 1, max_k: Optional[int] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dynamic top-p routing (Huang et al. 2024): ``(idx [T, max_k] int64, counts [T] int64)``.
 
@@ -57,12 +71,13 @@ def topp_route(
     float32 sum of the probabilities ranked above it, summed in rank order, is <= p (compared as
     float32), so the expert that crosses p is kept. The count is then clamped to
     [min_k, max_k]. Unused slots hold -1. ``probs`` must be non-negative and free of NaN.
+    ``p`` is one threshold, or a ``[T]`` tensor of per-row thresholds (e.g. a learned one).
     """
     probs = _check_probs(probs)
     num_experts = probs.shape[1]
     if num_experts == 0:
         raise ValueError("probs must have at least one expert column, got shape (T, 0)")
-    p = _checks.real(p, "p", lo=0.0, hi=1.0)
+    p = _check_p(p, probs.shape[0])
     max_k = num_experts if max_k is None else _checks.integer(max_k, "max_k", lo=1, hi=num_experts)
     min_k = _checks.integer(min_k, "min_k", lo=1, hi=max_k)
     if _backend.rust_handles(probs):
@@ -70,12 +85,13 @@ def topp_route(
         idx = torch.empty(probs.shape[0], max_k, dtype=torch.int64)
         counts = torch.empty(probs.shape[0], dtype=torch.int64)
         fn = _backend.native_fn("topp_route", x.dtype)
-        fn(x.numpy(), p, min_k, idx.numpy(), counts.numpy(), _backend.num_threads())
+        thresholds = p.contiguous() if isinstance(p, torch.Tensor) else torch.tensor([p], dtype=torch.float32)
+        fn(x.numpy(), thresholds.cpu().numpy(), min_k, idx.numpy(), counts.numpy(), _backend.num_threads())
         return idx, counts
     return topp_route_torch(probs, p, min_k, max_k)
 
 
-def topp_route_torch(probs: torch.Tensor, p: float, min_k: int, max_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def topp_route_torch(probs: torch.Tensor, p: Union[float, torch.Tensor], min_k: int, max_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The torch twin of :func:`topp_route` (float32 running sum, one rank at a time)."""
     probs = probs.detach()
     _raise_nan(probs)
@@ -83,7 +99,7 @@ def topp_route_torch(probs: torch.Tensor, p: float, min_k: int, max_k: int) -> T
         raise ValueError("probs must be non-negative")
     values, order = torch.sort(probs, dim=1, descending=True, stable=True)
     values = values[:, :max_k].to(torch.float32)
-    threshold = torch.tensor(p, dtype=torch.float32, device=probs.device)
+    threshold = torch.as_tensor(p, dtype=torch.float32, device=probs.device)
     acc = torch.zeros(probs.shape[0], dtype=torch.float32, device=probs.device)
     counts = torch.zeros(probs.shape[0], dtype=torch.int64, device=probs.device)
     # torch.cumsum accumulates float32 in double on CPU; the contract is a float32 running sum.
