@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import ops
+from . import nn, ops
 from ._backend import get_backend, native_available, set_backend, use_backend
 
 try:
@@ -17,4 +17,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+source"
 
-__all__ = ["__version__", "get_backend", "native_available", "ops", "set_backend", "use_backend"]
+__all__ = ["__version__", "get_backend", "native_available", "nn", "ops", "set_backend", "use_backend"]

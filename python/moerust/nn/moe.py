@@ -1,0 +1,232 @@
+"""The Mixture-of-Experts layer: router -> dispatch plan -> gather -> expert MLPs -> combine.
+
+Each piece is small and separate (as in torchtitan's MoE): :class:`~moerust.nn.Router` picks
+experts, :func:`moerust.ops.dispatch_plan` sorts (token, slot) pairs by expert,
+:func:`moerust.ops.gather` builds the expert-sorted rows, :class:`GroupedExperts` runs every
+expert's MLP on its contiguous rows (:func:`moerust.ops.expert_mlp`), and
+:func:`moerust.ops.combine` sums the weighted rows back per token. The layer returns the output
+and a :class:`MoEAux` with the balancing losses (each on its own) and routing statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .losses import GlobalBatchBalance, entropy_loss, expert_counts, switch_loss, uniform_mse_loss, z_loss
+from .router import Router, RouterOutput
+from .stats import RouterStats, RoutingStats
+
+BALANCES = ("switch", "global", "none")
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    """Every option of an :class:`MoE` layer.
+
+    Routing options are those of :class:`~moerust.nn.Router`. ``hidden`` is one expert's hidden
+    width. ``capacity_factor=None`` is dropless; otherwise each expert keeps at most
+    ``ceil(capacity_factor * assignments / E)`` rows (first come, in token order). Loss weights
+    only scale :attr:`MoEAux.weighted`; every loss is also reported unweighted.
+    """
+
+    dim: int
+    hidden: int
+    num_experts: int = 8
+    k: int = 2
+    routing: str = "softmax_topk"
+    renormalize: bool = True
+    p: float = 0.4
+    min_k: int = 1
+    max_k: Optional[int] = None
+    learned_threshold: bool = False
+    temperature: float = 1.0
+    noise_std: float = 0.0
+    jitter: float = 0.0
+    bias_balance: bool = False
+    bias_rate: float = 1e-3
+    activation: str = "swiglu"
+    shared_experts: int = 0
+    capacity_factor: Optional[float] = None
+    balance: str = "switch"
+    balance_weight: float = 0.01
+    z_weight: float = 0.0
+    entropy_weight: float = 0.0
+    uniform_weight: float = 0.0
+    stats_beta: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.hidden < 1:
+            raise ValueError(f"dim and hidden must be >= 1, got dim={self.dim}, hidden={self.hidden}")
+        if self.activation not in ops.experts.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ops.experts.ACTIVATIONS}, got {self.activation!r}")
+        if self.capacity_factor is not None and not self.capacity_factor >= 0:
+            raise ValueError(f"capacity_factor must be >= 0 or None (dropless), got {self.capacity_factor}")
+        if self.shared_experts < 0:
+            raise ValueError(f"shared_experts must be >= 0, got {self.shared_experts}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+        for name in ("balance_weight", "z_weight", "entropy_weight", "uniform_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class MoEAux:
+    """What an :class:`MoE` forward reports besides its output.
+
+    Attributes:
+        losses: unweighted losses by name: ``balance`` (Switch or global-batch), ``z``,
+            ``entropy``, ``uniform``.
+        weighted: ``sum(weight * loss)`` with the config's weights; add it to the task loss.
+        stats: routing statistics of this pass.
+        routing: the router's decision (indices, weights, probabilities) for analysis.
+    """
+
+    losses: Dict[str, torch.Tensor]
+    weighted: torch.Tensor
+    stats: RoutingStats
+    routing: RouterOutput
+
+
+def _init_linear_(w: torch.Tensor, fan_in: int) -> None:
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(w, -bound, bound)  # nn.Linear's default scale
+
+
+class MLP(nn.Module):
+    """A dense SwiGLU or GELU MLP in the experts' weight layout (``w1 [H1, d]``, ``w2 [d, F]``)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        self.activation = activation
+        h1 = 2 * hidden if activation == "swiglu" else hidden
+        self.w1 = nn.Parameter(torch.empty(h1, dim))
+        self.w2 = nn.Parameter(torch.empty(dim, hidden))
+        _init_linear_(self.w1, dim)
+        _init_linear_(self.w2, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d] -> [..., d]``."""
+        h = F.linear(x, self.w1)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        else:
+            a = F.gelu(h)
+        return F.linear(a, self.w2)
+
+
+class GroupedExperts(nn.Module):
+    """E expert MLPs stored as stacked weights ``w1 [E, H1, d]``, ``w2 [E, d, F]``."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        self.activation = activation
+        h1 = 2 * hidden if activation == "swiglu" else hidden
+        self.w1 = nn.Parameter(torch.empty(num_experts, h1, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        _init_linear_(self.w1, dim)
+        _init_linear_(self.w2, hidden)
+
+    def forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Expert-sorted rows ``xs [R, d]`` (expert e owns ``offsets[e]:offsets[e+1]``) -> ``[R, d]``."""
+        return ops.expert_mlp(xs, self.w1, self.w2, offsets, self.activation)
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer; ``forward(x) -> (y, MoEAux)``.
+
+    Example::
+
+        layer = MoE(MoEConfig(dim=64, hidden=256, num_experts=8, k=2))
+        y, aux = layer(x)                  # x: [..., 64]
+        loss = task_loss(y) + aux.weighted
+        ...
+        optimizer.step(); moerust.nn.after_optimizer_step(model)
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.router = Router(
+            c.dim, c.num_experts, routing=c.routing, k=c.k, renormalize=c.renormalize, p=c.p,
+            min_k=c.min_k, max_k=c.max_k, learned_threshold=c.learned_threshold,
+            temperature=c.temperature, noise_std=c.noise_std, jitter=c.jitter,
+            bias_balance=c.bias_balance, bias_rate=c.bias_rate,
+        )  # fmt: skip
+        self.experts = GroupedExperts(c.num_experts, c.dim, c.hidden, c.activation)
+        self.shared = MLP(c.dim, c.hidden * c.shared_experts, c.activation) if c.shared_experts else None
+        self.stats = RouterStats(c.num_experts, c.stats_beta)
+        self.global_balance = GlobalBatchBalance(c.num_experts) if c.balance == "global" else None
+        self._load_since_step = torch.zeros(c.num_experts)
+
+    def capacity(self, assignments: int) -> Optional[int]:
+        """Rows each expert may keep for ``assignments`` routed slots (None = dropless)."""
+        cf = self.config.capacity_factor
+        return None if cf is None else int(math.ceil(cf * assignments / self.config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> "tuple[torch.Tensor, MoEAux]":
+        """``x [..., dim] -> (y [..., dim], MoEAux)``."""
+        c = self.config
+        if x.shape[-1] != c.dim:
+            raise ValueError(f"x must have {c.dim} features (config.dim), got shape {tuple(x.shape)}")
+        shape = x.shape
+        x2 = x.reshape(-1, c.dim)
+        r = self.router(x2)
+        assigned = int(r.counts.sum())
+        plan = ops.dispatch_plan(r.idx, c.num_experts, self.capacity(assigned))
+        xs = ops.gather(x2, plan)
+        ys = self.experts(xs, plan.offsets)
+        y = ops.combine(ys, r.weights.to(ys.dtype), plan)
+        if self.shared is not None:
+            y = y + self.shared(x2)
+        counts = plan.counts if plan.capacity is None else expert_counts(r.idx, c.num_experts)
+        losses = self._losses(r, counts)
+        weighted = (
+            c.balance_weight * losses["balance"]
+            + c.z_weight * losses["z"]
+            + c.entropy_weight * losses["entropy"]
+            + c.uniform_weight * losses["uniform"]
+        )
+        if self.training:
+            self._load_since_step = self._load_since_step.to(plan.counts.device) + plan.counts
+        stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
+        return y.reshape(shape), MoEAux(losses, weighted, stats, r)
+
+    def _losses(self, r: RouterOutput, counts: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.global_balance is not None and self.training:
+            balance = self.global_balance.loss(r.probs, r.idx)
+        elif self.config.balance == "none":
+            balance = r.probs.new_zeros(())
+        else:
+            balance = switch_loss(r.probs, r.idx, counts=counts)
+        return {
+            "balance": balance,
+            "z": z_loss(r.logits),
+            "entropy": entropy_loss(r.probs),
+            "uniform": uniform_mse_loss(r.probs),
+        }
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Per-step bookkeeping: the aux-loss-free bias update (with the loads of every forward
+        since the last step) and a fresh global-batch count."""
+        if self.config.bias_balance and float(self._load_since_step.sum()) > 0:
+            self.router.update_bias(self._load_since_step)
+        self._load_since_step = torch.zeros_like(self._load_since_step)
+        if self.global_balance is not None:
+            self.global_balance.reset()
+
+
+def after_optimizer_step(model: nn.Module) -> None:
+    """Calls :meth:`MoE.after_optimizer_step` on every MoE layer of ``model``."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.after_optimizer_step()

@@ -1,0 +1,183 @@
+"""Routers: which experts each token goes to, and with what weights.
+
+Modes:
+
+* ``"softmax_topk"``: softmax over all experts, keep the k largest; weights renormalised to sum
+  to 1 (``renormalize=True``) or the raw probabilities.
+* ``"topk_softmax"``: keep the k largest logits, softmax over those k only (Mixtral).
+* ``"topp"``: dynamic k (Huang et al. 2024): keep experts, largest first, until their summed
+  probability exceeds ``p`` (the expert that crosses ``p`` is kept), clamped to
+  ``[min_k, max_k]``. ``p`` is fixed (give each layer its own with :func:`layerwise_thresholds`)
+  or learned per token: ``p(x) = 0.1 + 0.6 * sigmoid(w . x)``.
+
+Options: temperature (logits / T), training noise (Gaussian noise on logits; multiplicative
+uniform jitter of the router input), and aux-loss-free balancing (DeepSeek-V3): a per-expert bias
+added to the scores used for *selection only*; after each optimizer step
+:meth:`Router.update_bias` moves it by ``u * sign(mean_load - load_i)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+ROUTINGS = ("softmax_topk", "topk_softmax", "topp")
+
+
+def layerwise_thresholds(num_layers: int, bottom: float = 0.6, top: float = 0.2) -> List[float]:
+    """Top-p thresholds interpolated linearly from the bottom layer to the top one."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if num_layers == 1:
+        return [bottom]
+    return [bottom + (top - bottom) * i / (num_layers - 1) for i in range(num_layers)]
+
+
+@dataclasses.dataclass
+class RouterOutput:
+    """What a router decided for ``T`` tokens.
+
+    Attributes:
+        logits: ``[T, E]`` router logits (after temperature and noise).
+        probs: ``[T, E]`` softmax of the logits (what balancing losses see).
+        idx: ``[T, K]`` int64 experts per token, -1 for unused top-p slots.
+        weights: ``[T, K]`` combine weights (0 in unused slots), differentiable.
+        counts: ``[T]`` experts per token.
+        threshold: ``[T]`` learned top-p thresholds, or None.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    idx: torch.Tensor
+    weights: torch.Tensor
+    counts: torch.Tensor
+    threshold: Optional[torch.Tensor] = None
+
+
+class Router(nn.Module):
+    """A linear router over ``num_experts`` experts; see the module docstring for the modes."""
+
+    expert_bias: torch.Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        *,
+        routing: str = "softmax_topk",
+        k: int = 2,
+        renormalize: bool = True,
+        p: float = 0.4,
+        min_k: int = 1,
+        max_k: Optional[int] = None,
+        learned_threshold: bool = False,
+        temperature: float = 1.0,
+        noise_std: float = 0.0,
+        jitter: float = 0.0,
+        bias_balance: bool = False,
+        bias_rate: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if routing != "topp" and not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in [1, num_experts = {num_experts}], got {k}")
+        max_k = num_experts if max_k is None else max_k
+        if routing == "topp":
+            if not 0.0 < p <= 1.0:
+                raise ValueError(f"p must be in (0, 1], got {p}")
+            if not 1 <= min_k <= max_k <= num_experts:
+                raise ValueError(f"need 1 <= min_k <= max_k <= num_experts = {num_experts}, got min_k={min_k}, max_k={max_k}")
+            if bias_balance:
+                raise ValueError("bias_balance works with top-k routing only (a bias would distort the top-p sums)")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if noise_std < 0 or not 0 <= jitter < 1:
+            raise ValueError(f"noise_std must be >= 0 and jitter in [0, 1), got {noise_std}, {jitter}")
+        self.dim, self.num_experts, self.routing = dim, num_experts, routing
+        self.k, self.renormalize = k, renormalize
+        self.p, self.min_k, self.max_k = p, min_k, max_k
+        self.temperature, self.noise_std, self.jitter = temperature, noise_std, jitter
+        self.bias_balance, self.bias_rate = bias_balance, bias_rate
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.normal_(self.weight, std=dim**-0.5)
+        self.threshold = nn.Linear(dim, 1) if learned_threshold else None
+        if self.threshold is not None:
+            nn.init.zeros_(self.threshold.weight)
+            # sigmoid(b) = (p - 0.1) / 0.6 starts the learned threshold at p
+            b = torch.logit(torch.tensor(min(max((p - 0.1) / 0.6, 1e-3), 1 - 1e-3)))
+            nn.init.constant_(self.threshold.bias, float(b))
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    @property
+    def slots(self) -> int:
+        """K, the number of slots per token in ``idx``."""
+        return self.max_k if self.routing == "topp" else self.k
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Routes ``x [T, dim]``."""
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(x, self.weight.to(x.dtype)) / self.temperature
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        probs = torch.softmax(logits, dim=-1)
+        threshold = None
+        if self.routing == "topp":
+            p: object = self.p
+            if self.threshold is not None:
+                threshold = 0.1 + 0.6 * torch.sigmoid(self.threshold(x).squeeze(-1))
+                p = threshold
+            idx, counts = ops.topp_route(probs, p, min_k=self.min_k, max_k=self.max_k)  # type: ignore[arg-type]
+            used = idx >= 0
+            weights = probs.gather(1, idx.clamp(min=0)) * used
+            if threshold is not None:
+                weights = weights * _threshold_gate(probs, idx, threshold)
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+            return RouterOutput(logits, probs, idx, weights, counts, threshold)
+        scores = logits if self.routing == "topk_softmax" else probs
+        if self.bias_balance:
+            scores = scores + self.expert_bias.to(scores.dtype)
+        idx = ops.topk_route(scores, self.k)
+        if self.routing == "topk_softmax":
+            weights = torch.softmax(logits.gather(1, idx), dim=-1)
+        else:
+            weights = probs.gather(1, idx)
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        counts = torch.full((x.shape[0],), self.k, dtype=torch.int64, device=x.device)
+        return RouterOutput(logits, probs, idx, weights, counts)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: ``b_i += u * sign(mean_load - load_i)``.
+
+        Call after each optimizer step with the per-expert loads of that step (the layer does
+        this for you through :meth:`moerust.nn.MoE.update_bias`).
+        """
+        load = load.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
+
+
+def _threshold_gate(probs: torch.Tensor, idx: torch.Tensor, threshold: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """A straight-through gate that lets the learned threshold receive gradients.
+
+    Forward value is exactly 1 (the hard top-p choice stands); the backward sees
+    ``sigmoid((threshold - mass_above) / tau)`` per slot, so raising the threshold favours keeping
+    more experts where that lowers the loss.
+    """
+    ranked = probs.gather(1, idx.clamp(min=0)) * (idx >= 0)
+    mass_above = torch.cumsum(ranked, dim=1) - ranked
+    soft = torch.sigmoid((threshold[:, None] - mass_above.detach()) / tau)
+    return 1.0 + soft - soft.detach()

@@ -1,0 +1,90 @@
+"""Router statistics, cheap enough to leave on: they reuse the dispatch plan's per-expert counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingStats:
+    """One forward pass's routing, as plain numbers.
+
+    Attributes:
+        load: assignments per expert in this pass (``[E]``).
+        usage: bias-corrected EMA of each expert's share of assignments (``[E]``, sums to 1).
+        usage_entropy: entropy of ``usage`` divided by ln E (1 = perfectly even, 0 = one expert).
+        experts_per_token: mean number of experts a token was routed to (before capacity drops).
+        dropped_fraction: share of assignments dropped by the capacity limit.
+    """
+
+    load: List[int]
+    usage: List[float]
+    usage_entropy: float
+    experts_per_token: float
+    dropped_fraction: float
+
+    def as_dict(self) -> Dict[str, object]:
+        """The stats as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def normalized_entropy(shares: torch.Tensor) -> float:
+    """Entropy of a distribution over E entries divided by ln E (1 for E = 1)."""
+    e = shares.numel()
+    if e <= 1:
+        return 1.0
+    s = shares.double().clamp(min=0)
+    s = s / s.sum().clamp(min=1e-30)
+    h = -(s * torch.log(s.clamp(min=1e-30))).sum()
+    return float(h / math.log(e))
+
+
+class RouterStats(nn.Module):
+    """Tracks per-expert usage with an exponential moving average, bias-corrected (Adam style:
+    divided by ``1 - beta^steps``) so early values are not dragged toward zero.
+
+    The EMA and step count are buffers, so they travel with ``state_dict`` checkpoints.
+    """
+
+    ema: torch.Tensor
+    steps: torch.Tensor
+
+    def __init__(self, num_experts: int, beta: float = 0.99) -> None:
+        super().__init__()
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.num_experts = num_experts
+        self.beta = beta
+        self.register_buffer("ema", torch.zeros(num_experts, dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def usage(self) -> torch.Tensor:
+        """The bias-corrected EMA of usage shares (uniform before the first update)."""
+        n = int(self.steps)
+        if n == 0:
+            return torch.full((self.num_experts,), 1.0 / self.num_experts, dtype=torch.float64)
+        return self.ema.cpu() / (1.0 - self.beta**n)
+
+    @torch.no_grad()
+    def update(self, load: torch.Tensor, tokens: int, assigned: int, dropped: int) -> RoutingStats:
+        """Folds in one pass: ``load`` kept rows per expert, ``tokens`` T, ``assigned`` routed
+        slots before capacity, ``dropped`` slots dropped by it."""
+        load64 = load.detach().double().cpu()
+        total = float(load64.sum())
+        share = load64 / total if total > 0 else torch.full_like(load64, 1.0 / self.num_experts)
+        if self.training:
+            self.ema.mul_(self.beta).add_(share.to(self.ema.device), alpha=1.0 - self.beta)
+            self.steps += 1
+        usage = self.usage()
+        return RoutingStats(
+            load=[int(v) for v in load64.tolist()],
+            usage=usage.tolist(),
+            usage_entropy=normalized_entropy(usage),
+            experts_per_token=assigned / tokens if tokens else 0.0,
+            dropped_fraction=dropped / assigned if assigned else 0.0,
+        )
