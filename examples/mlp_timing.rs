@@ -2,7 +2,8 @@
 
 use std::time::Instant;
 
-use _native::expert_mlp::{expert_mlp_backward, expert_mlp_forward, Activation, MlpShape};
+use _native::expert_mlp::{act_backward, act_forward, expert_mlp_backward, expert_mlp_forward, Activation, MlpShape};
+use _native::isa::with_best_isa;
 use _native::threads::with_threads;
 
 fn time<F: FnMut()>(name: &str, mut f: F) -> f64 {
@@ -20,9 +21,31 @@ fn time<F: FnMut()>(name: &str, mut f: F) -> f64 {
     v[n / 2]
 }
 
+fn activations() {
+    let (rows, f) = (2048usize, 256usize);
+    let h = vec![0.3f32; rows * 2 * f];
+    let mut a = vec![0.0f32; rows * f];
+    let mut dh = vec![0.0f32; rows * 2 * f];
+    let da = vec![0.1f32; rows * f];
+    let per = |ms: f64| ms * 1e6 / (rows * f) as f64;
+    let t = time("swiglu forward (2048 x 256)", || {
+        with_best_isa(|| h.chunks_exact(2 * f).zip(a.chunks_exact_mut(f)).for_each(|(h, a)| act_forward(Activation::SwiGlu, h, a)))
+    });
+    println!("  {:.2} ns/element", per(t));
+    let t = time("swiglu backward (2048 x 256)", || {
+        with_best_isa(|| {
+            for ((h, da), (a, dh)) in h.chunks_exact(2 * f).zip(da.chunks_exact(f)).zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(2 * f))) {
+                act_backward(Activation::SwiGlu, h, da, a, dh)
+            }
+        })
+    });
+    println!("  {:.2} ns/element", per(t));
+}
+
 fn main() {
+    activations();
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
-    for &(d, f, e, k, t) in &[(64usize, 256usize, 8usize, 2usize, 1024usize), (256, 1024, 8, 2, 2048), (256, 512, 64, 8, 2048)] {
+    for &(d, f, e, k, t) in &[(1usize, 256usize, 8usize, 2usize, 1024usize), (64, 256, 8, 2, 1024), (256, 1024, 8, 2, 2048), (256, 512, 64, 8, 2048)] {
         let r = k * t;
         let s = MlpShape { r, d, e, f, act: Activation::SwiGlu };
         let per = r / e;
@@ -37,9 +60,9 @@ fn main() {
         let (mut dxs, mut dw1, mut dw2) = (vec![0.0f32; r * d], vec![0.0f32; w1.len()], vec![0.0f32; w2.len()]);
         let gflop = 2.0 * 3.0 * (r * d * 2 * f + r * f * d) as f64 / 1e9;
         let name = format!("d={d} f={f} E={e} k={k} T={t} thr={threads}");
-        let fw = time(&format!("{name} fwd"), || with_threads(threads, usize::MAX, || expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()));
+        let fw = time(&format!("{name} fwd"), || with_threads(threads, usize::MAX, || expert_mlp_forward(&s, threads, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()));
         let bw = time(&format!("{name} bwd"), || {
-            with_threads(threads, usize::MAX, || expert_mlp_backward(&s, &out, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap())
+            with_threads(threads, usize::MAX, || expert_mlp_backward(&s, threads, &out, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap())
         });
         println!("  {:.1} GFLOP/s", gflop / ((fw + bw) / 1e3));
     }

@@ -13,10 +13,9 @@
 //! keep every core busy. The weight gradients are tiled the same way, by blocks of output rows.
 //! GEMMs are the `gemm` crate's single-threaded kernels (runtime-selected SIMD, AVX-512 included).
 
-use rayon::prelude::*;
-
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
+use crate::omp_team::{for_each_task, TaskParts};
 use crate::real::Real;
 
 /// The expert MLP's activation.
@@ -48,7 +47,10 @@ impl Activation {
 }
 
 /// Float types the expert kernels run on: what `Real` has, plus the few functions the
-/// activations need.
+/// activations need and reusable scratch buffers.
+///
+/// Why scratch is reused: a fresh multi-megabyte buffer is a fresh mapping, and touching it costs a
+/// page fault per 4 KiB, which measured *more* than the activation arithmetic itself.
 pub trait MlpReal: Real + std::ops::Sub<Output = Self> + std::ops::Div<Output = Self> {
     /// 1.
     const ONE: Self;
@@ -56,6 +58,61 @@ pub trait MlpReal: Real + std::ops::Sub<Output = Self> + std::ops::Div<Output = 
     fn exp(self) -> Self;
     /// The error function.
     fn erf(self) -> Self;
+    /// Runs `f` with this thread's tile scratch, at least `len` long (contents unspecified).
+    fn with_tile_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+    /// A process-wide scratch buffer of exactly `len` elements (contents unspecified); hand it
+    /// back with [`MlpReal::give_back`]. A concurrent caller simply gets a fresh one.
+    fn take_shared(len: usize) -> Vec<Self>;
+    /// Returns a buffer from [`MlpReal::take_shared`] for the next call to reuse.
+    fn give_back(buf: Vec<Self>);
+}
+
+/// Largest shared scratch kept between calls (elements); bigger ones are freed.
+const KEEP_SHARED: usize = 1 << 28;
+
+macro_rules! scratch_impl {
+    ($t:ty) => {
+        fn with_tile_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+            thread_local! {
+                static TILE: std::cell::RefCell<Vec<$t>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            TILE.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut buf) => {
+                    if buf.len() < len {
+                        buf.resize(len, 0.0);
+                    }
+                    f(&mut buf[..len])
+                }
+                // Re-entered on this thread (not expected): use a fresh buffer.
+                Err(_) => f(&mut vec![0.0; len]),
+            })
+        }
+
+        fn take_shared(len: usize) -> Vec<Self> {
+            let mut buf = std::mem::take(&mut *shared_slot::<$t>().lock().unwrap_or_else(|e| e.into_inner()));
+            buf.resize(len, 0.0);
+            buf
+        }
+
+        fn give_back(buf: Vec<Self>) {
+            if buf.len() <= KEEP_SHARED {
+                let mut slot = shared_slot::<$t>().lock().unwrap_or_else(|e| e.into_inner());
+                // Keep the larger one, so a small call does not evict a big buffer.
+                if buf.len() > slot.len() {
+                    *slot = buf;
+                }
+            }
+        }
+    };
+}
+
+/// The cached shared scratch of element type `T`.
+fn shared_slot<T: 'static>() -> &'static std::sync::Mutex<Vec<T>> {
+    use std::any::Any;
+    static F32: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+    static F64: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+    let any: &'static dyn Any = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() { &F32 } else { &F64 };
+    any.downcast_ref().expect("scratch is only used with f32 and f64")
 }
 
 impl MlpReal for f32 {
@@ -68,6 +125,7 @@ impl MlpReal for f32 {
     fn erf(self) -> Self {
         libm::erff(self)
     }
+    scratch_impl!(f32);
 }
 
 impl MlpReal for f64 {
@@ -80,6 +138,7 @@ impl MlpReal for f64 {
     fn erf(self) -> Self {
         libm::erf(self)
     }
+    scratch_impl!(f64);
 }
 
 /// `e^x` in f32 within 2 ulp, written branch-free so the activation loops vectorise (the
@@ -91,14 +150,18 @@ fn exp_f32(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
     // e^88 and e^-87 are within the normal range; beyond them the result saturates to a finite
     // huge / tiny value (callers only use it in 1 / (1 + e^x), where that is exact enough).
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    // max/min rather than clamp: clamp's NaN rules keep the loop from vectorising. NaN still
+    // propagates through the arithmetic below.
+    let x = x.max(-87.0).min(88.0);
+    let shifted = x * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
         + 0.5;
     let y = p * r * r + r + 1.0;
-    // n is an integer in [-126, 127], so n + 127 is a valid biased exponent.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // The low mantissa bits of `shifted` hold n (in [-126, 127]) added to MAGIC's; adding the
+    // exponent bias and shifting by 23 leaves exactly the bits of 2^n (the high bits fall off).
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
     y * scale
 }
 
@@ -109,18 +172,20 @@ fn sigmoid<T: MlpReal>(x: T) -> T {
 
 /// `a = act(h)` for one row (`h` has `H1` entries, `a` has F).
 #[inline(always)]
-fn act_forward<T: MlpReal>(act: Activation, h: &[T], a: &mut [T]) {
+pub fn act_forward<T: MlpReal>(act: Activation, h: &[T], a: &mut [T]) {
+    // Indexed loops over slices cut to length: long zip chains kept these loops from vectorising.
     let f = a.len();
     match act {
         Activation::SwiGlu => {
-            let (g, u) = h.split_at(f);
-            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                *a = g * sigmoid(g) * u;
+            let (g, u) = h[..2 * f].split_at(f);
+            for i in 0..f {
+                a[i] = g[i] * sigmoid(g[i]) * u[i];
             }
         }
         Activation::Gelu => {
-            for (a, &h) in a.iter_mut().zip(h) {
-                *a = gelu(h);
+            let h = &h[..f];
+            for i in 0..f {
+                a[i] = gelu(h[i]);
             }
         }
     }
@@ -134,29 +199,33 @@ fn gelu<T: MlpReal>(h: T) -> T {
 
 /// For one row: `a = act(h)` (kept for the weight gradient) and `dh = da * act'(h)`.
 #[inline(always)]
-fn act_backward<T: MlpReal>(act: Activation, h: &[T], da: &[T], a: &mut [T], dh: &mut [T]) {
+pub fn act_backward<T: MlpReal>(act: Activation, h: &[T], da: &[T], a: &mut [T], dh: &mut [T]) {
     let f = a.len();
     match act {
         Activation::SwiGlu => {
-            let (g, u) = h.split_at(f);
-            let (dg, du) = dh.split_at_mut(f);
-            for (((((a, dg), du), &g), &u), &da) in a.iter_mut().zip(dg).zip(du).zip(g).zip(u).zip(da) {
+            let (g, u) = h[..2 * f].split_at(f);
+            let (dg, du) = dh[..2 * f].split_at_mut(f);
+            let (a, da) = (&mut a[..f], &da[..f]);
+            for i in 0..f {
+                let (g, u, da) = (g[i], u[i], da[i]);
                 let s = sigmoid(g);
                 let silu = g * s;
-                *a = silu * u;
-                *du = da * silu;
+                a[i] = silu * u;
+                du[i] = da * silu;
                 // d silu / dg = s * (1 + g * (1 - s))
-                *dg = da * u * (s * (T::ONE + g * (T::ONE - s)));
+                dg[i] = da * u * (s * (T::ONE + g * (T::ONE - s)));
             }
         }
         Activation::Gelu => {
             let inv_sqrt_2pi = T::from_f64(0.398_942_280_401_432_7);
             let half = T::from_f64(0.5);
-            for (((a, dh), &h), &da) in a.iter_mut().zip(dh).zip(h).zip(da) {
-                let cdf = half * (T::ONE + (h * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
-                *a = h * cdf;
-                let pdf = inv_sqrt_2pi * (T::ZERO - half * h * h).exp();
-                *dh = da * (cdf + h * pdf);
+            let (h, da, dh) = (&h[..f], &da[..f], &mut dh[..f]);
+            for i in 0..f {
+                let x = h[i];
+                let cdf = half * (T::ONE + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+                a[i] = x * cdf;
+                let pdf = inv_sqrt_2pi * (T::ZERO - half * x * x).exp();
+                dh[i] = da[i] * (cdf + x * pdf);
             }
         }
     }
@@ -289,8 +358,8 @@ fn row_tiles(ranges: &[(usize, usize)], rows_per_tile: usize) -> Vec<(usize, usi
 
 /// Rows per tile: several tiles per thread (uneven experts still balance), but not so few rows
 /// that packing the expert's weights for each tile outweighs the tile's arithmetic.
-fn tile_rows(total_rows: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+fn tile_rows(total_rows: usize, threads: usize) -> usize {
+    let threads = crate::threads::resolve_threads(threads);
     // The `gemm` crate packs the expert's weights again for every tile, a cost of about 1/rows
     // of the tile's arithmetic: tiles of 256-512 rows keep it small.
     total_rows.div_ceil(2 * threads).next_multiple_of(16).clamp(64, 512)
@@ -313,10 +382,12 @@ fn check_sizes<T>(s: &MlpShape, xs: &[T], w1: &[T], w2: &[T]) -> KResult<()> {
     check_len("w2", w2.len(), s.e * s.d * s.f)
 }
 
-/// Forward: fills `h [R, H1]` (pre-activations, kept for the backward) and `out [R, d]`.
+/// Forward: fills `h [R, H1]` (pre-activations, kept for the backward) and `out [R, d]`, on up
+/// to `threads` threads.
 #[allow(clippy::too_many_arguments)]
 pub fn expert_mlp_forward<T: MlpReal>(
     s: &MlpShape,
+    threads: usize,
     xs: &[T],
     w1: &[T],
     w2: &[T],
@@ -332,21 +403,23 @@ pub fn expert_mlp_forward<T: MlpReal>(
     if s.r == 0 {
         return Ok(());
     }
-    let tiles = row_tiles(&ranges, tile_rows(s.r));
-    let h_parts = split_by_tiles(h, h1, &tiles);
-    let out_parts = split_by_tiles(out, d, &tiles);
-    tiles.par_iter().zip(h_parts).zip(out_parts).for_each_init(Vec::new, |a, ((&(e, lo, hi), h), out)| {
+    let tiles = row_tiles(&ranges, tile_rows(s.r, threads));
+    let parts = TaskParts::new(split_by_tiles(h, h1, &tiles).into_iter().zip(split_by_tiles(out, d, &tiles)));
+    for_each_task(threads, tiles.len(), &|i| {
+        let (e, lo, hi) = tiles[i];
+        let (h, out) = parts.take(i);
         let n = hi - lo;
         let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
         let w2e = &w2[e * d * f..(e + 1) * d * f];
         matmul(n, h1, d, h, h1, &xs[lo * d..hi * d], ROW_MAJOR(d), w1e, TRANSPOSED(d));
-        a.resize(n * f, T::ZERO);
-        with_best_isa(|| {
-            for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
-                act_forward(s.act, hr, ar);
-            }
+        T::with_tile_scratch(n * f, |a| {
+            with_best_isa(|| {
+                for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
+                    act_forward(s.act, hr, ar);
+                }
+            });
+            matmul(n, d, f, out, d, a, ROW_MAJOR(f), w2e, TRANSPOSED(f));
         });
-        matmul(n, d, f, out, d, a, ROW_MAJOR(f), w2e, TRANSPOSED(f));
     });
     Ok(())
 }
@@ -356,6 +429,7 @@ pub fn expert_mlp_forward<T: MlpReal>(
 #[allow(clippy::too_many_arguments)]
 pub fn expert_mlp_backward<T: MlpReal>(
     s: &MlpShape,
+    threads: usize,
     grad: &[T],
     xs: &[T],
     h: &[T],
@@ -377,24 +451,28 @@ pub fn expert_mlp_backward<T: MlpReal>(
 
     // Phase 1, per row tile: da = grad W2_e, then a and dh from h, then dxs = dh W1_e.
     // `a` and `dh` are kept whole: the weight gradients need them summed over all of an expert's rows.
-    let mut a_all = vec![T::ZERO; s.r * f];
-    let mut dh_all = vec![T::ZERO; s.r * h1];
+    let mut scratch = T::take_shared(s.r * (f + h1));
+    let (a_all, dh_all) = scratch.split_at_mut(s.r * f);
     if s.r > 0 {
-        let tiles = row_tiles(&ranges, tile_rows(s.r));
-        let a_parts = split_by_tiles(&mut a_all, f, &tiles);
-        let dh_parts = split_by_tiles(&mut dh_all, h1, &tiles);
+        let tiles = row_tiles(&ranges, tile_rows(s.r, threads));
+        let a_parts = split_by_tiles(a_all, f, &tiles);
+        let dh_parts = split_by_tiles(dh_all, h1, &tiles);
         let dx_parts = split_by_tiles(dxs, d, &tiles);
-        tiles.par_iter().zip(a_parts).zip(dh_parts).zip(dx_parts).for_each_init(Vec::new, |da, (((&(e, lo, hi), a), dh), dx)| {
+        let parts = TaskParts::new(a_parts.into_iter().zip(dh_parts).zip(dx_parts));
+        for_each_task(threads, tiles.len(), &|i| {
+            let (e, lo, hi) = tiles[i];
+            let ((a, dh), dx) = parts.take(i);
             let n = hi - lo;
             let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
             let w2e = &w2[e * d * f..(e + 1) * d * f];
-            da.resize(n * f, T::ZERO);
-            matmul(n, f, d, da, f, &grad[lo * d..hi * d], ROW_MAJOR(d), w2e, ROW_MAJOR(f));
-            with_best_isa(|| {
-                let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
-                for ((hr, dar), (ar, dhr)) in rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1))) {
-                    act_backward(s.act, hr, dar, ar, dhr);
-                }
+            T::with_tile_scratch(n * f, |da| {
+                matmul(n, f, d, da, f, &grad[lo * d..hi * d], ROW_MAJOR(d), w2e, ROW_MAJOR(f));
+                with_best_isa(|| {
+                    let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
+                    for ((hr, dar), (ar, dhr)) in rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1))) {
+                        act_backward(s.act, hr, dar, ar, dhr);
+                    }
+                });
             });
             matmul(n, d, h1, dx, d, dh, ROW_MAJOR(h1), w1e, ROW_MAJOR(d));
         });
@@ -402,7 +480,7 @@ pub fn expert_mlp_backward<T: MlpReal>(
 
     // Phase 2, per block of output rows of each expert's weight gradients:
     // dW1_e = dh_e^T xs_e and dW2_e = grad_e^T a_e (a sum over the expert's rows, in row order).
-    let block = tile_rows(s.e * (h1 + d)).min(h1.max(d)).max(1);
+    let block = tile_rows(s.e * (h1 + d), threads).min(h1.max(d)).max(1);
     let mut tasks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
     for (e, (g1, g2)) in dw1.chunks_mut(h1 * d).zip(dw2.chunks_mut(d * f)).enumerate() {
         for (i, c) in g1.chunks_mut(block * d).enumerate() {
@@ -412,8 +490,11 @@ pub fn expert_mlp_backward<T: MlpReal>(
             tasks.push((e, false, i * block, c));
         }
     }
-    let (a_all, dh_all) = (&a_all, &dh_all);
-    tasks.into_par_iter().for_each(|(e, is_w1, i0, out)| {
+    let (a_ref, dh_ref) = (&*a_all, &*dh_all);
+    let n_tasks = tasks.len();
+    let tasks = TaskParts::new(tasks);
+    for_each_task(threads, n_tasks, &|i| {
+        let (e, is_w1, i0, out) = tasks.take(i);
         let (lo, hi) = ranges[e];
         let n = hi - lo;
         if n == 0 {
@@ -422,12 +503,13 @@ pub fn expert_mlp_backward<T: MlpReal>(
         }
         if is_w1 {
             let m = out.len() / d;
-            matmul(m, d, n, out, d, &dh_all[lo * h1 + i0..hi * h1], TRANSPOSED(h1), &xs[lo * d..hi * d], ROW_MAJOR(d));
+            matmul(m, d, n, out, d, &dh_ref[lo * h1 + i0..hi * h1], TRANSPOSED(h1), &xs[lo * d..hi * d], ROW_MAJOR(d));
         } else {
             let m = out.len() / f;
-            matmul(m, f, n, out, f, &grad[lo * d + i0..hi * d], TRANSPOSED(d), &a_all[lo * f..hi * f], ROW_MAJOR(f));
+            matmul(m, f, n, out, f, &grad[lo * d + i0..hi * d], TRANSPOSED(d), &a_ref[lo * f..hi * f], ROW_MAJOR(f));
         }
     });
+    T::give_back(scratch);
     Ok(())
 }
 
@@ -492,9 +574,9 @@ mod tests {
         let want = reference(&s, &xs, &w1, &w2, &offsets, &grad);
         let mut h = vec![0.0; r * s.h1()];
         let mut out = vec![0.0; r * d];
-        expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap();
+        expert_mlp_forward(&s, 3, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap();
         let (mut dxs, mut dw1, mut dw2) = (vec![0.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
-        expert_mlp_backward(&s, &grad, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap();
+        expert_mlp_backward(&s, 3, &grad, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap();
         for (name, got, want) in [("out", &out, &want[0]), ("dxs", &dxs, &want[1]), ("dw1", &dw1, &want[2]), ("dw2", &dw2, &want[3])] {
             for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
                 assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "{name}[{i}]: {g} vs {w} ({act:?}, {counts:?})");
@@ -522,8 +604,13 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
-        assert!(exp_f32(f32::NAN).is_nan());
         assert_eq!(exp_f32(f32::NEG_INFINITY), exp_f32(-87.0));
+        // NaN inputs saturate inside exp, but the activations still return NaN (g multiplies in)
+        let (mut a, mut dh) = ([0.0f32], [0.0f32; 2]);
+        act_forward(Activation::SwiGlu, &[f32::NAN, 1.0], &mut a);
+        assert!(a[0].is_nan());
+        act_backward(Activation::SwiGlu, &[f32::NAN, 1.0], &[1.0], &mut a, &mut dh);
+        assert!(a[0].is_nan() && dh[0].is_nan());
     }
 
     #[test]
@@ -532,7 +619,7 @@ mod tests {
         let (xs, w1, w2) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
         let (mut h, mut out) = (vec![0.0f32; 2], vec![0.0f32; 2]);
         for offsets in [vec![0i64, 2], vec![0, 3, 2], vec![1, 1, 2], vec![0, 1, 3]] {
-            assert!(expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).is_err(), "{offsets:?}");
+            assert!(expert_mlp_forward(&s, 1, &xs, &w1, &w2, &offsets, &mut h, &mut out).is_err(), "{offsets:?}");
         }
         assert!(Activation::parse("relu").is_err());
     }

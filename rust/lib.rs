@@ -7,6 +7,7 @@ pub mod error;
 pub mod expert_mlp;
 pub mod isa;
 pub mod lars;
+pub mod omp_team;
 pub mod real;
 pub mod routing;
 pub mod threads;

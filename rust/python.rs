@@ -201,11 +201,6 @@ fn mlp_shape(xs: &[usize], w2: &[usize], activation: &str) -> PyResult<MlpShape>
     Ok(MlpShape { r: xs[0], d: xs[1], e: w2[0], f: w2[2], act: Activation::parse(activation)? })
 }
 
-/// GEMM work of an expert-MLP call (multiply-adds), for sizing the pool.
-fn mlp_work(s: &MlpShape) -> usize {
-    s.r.saturating_mul(s.d).saturating_mul(s.f).saturating_mul(3)
-}
-
 macro_rules! mlp_kernels {
     ($t:ty, $fwd:ident, $bwd:ident) => {
         /// Expert MLP forward into `h [R, H1]` and `out [R, d]`.
@@ -225,7 +220,7 @@ macro_rules! mlp_kernels {
             let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
             let (x, a, b, off) = (slice!(xs, "xs"), slice!(w1, "w1"), slice!(w2, "w2"), slice!(offsets, "offsets"));
             let (hv, o) = (slice_mut!(h, "h"), slice_mut!(out, "out"));
-            Ok(run(py, threads, mlp_work(&s), || expert_mlp::expert_mlp_forward(&s, x, a, b, off, hv, o))?)
+            Ok(py.detach(|| expert_mlp::expert_mlp_forward(&s, threads, x, a, b, off, hv, o))?)
         }
 
         /// Expert MLP backward into `dxs [R, d]`, `dw1 [E, H1, d]` and `dw2 [E, d, F]`.
@@ -249,7 +244,7 @@ macro_rules! mlp_kernels {
             let (g, x, hv) = (slice!(grad, "grad"), slice!(xs, "xs"), slice!(h, "h"));
             let (a, b, off) = (slice!(w1, "w1"), slice!(w2, "w2"), slice!(offsets, "offsets"));
             let (dx, da, db) = (slice_mut!(dxs, "dxs"), slice_mut!(dw1, "dw1"), slice_mut!(dw2, "dw2"));
-            Ok(run(py, threads, 2 * mlp_work(&s), || expert_mlp::expert_mlp_backward(&s, g, x, hv, a, b, off, dx, da, db))?)
+            Ok(py.detach(|| expert_mlp::expert_mlp_backward(&s, threads, g, x, hv, a, b, off, dx, da, db))?)
         }
     };
 }
@@ -335,6 +330,14 @@ fn sliding_window_tiles<'py>(
     Ok(run(py, threads, q_len.saturating_mul(w.min(k_len)), || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o))?)
 }
 
+/// Runs the expert kernels' tasks on the OpenMP team whose `GOMP_parallel` is at `addr` (0: rayon).
+#[pyfunction]
+fn use_openmp_team(addr: usize) {
+    // SAFETY: the Python side passes 0 or the address of `GOMP_parallel` in the OpenMP runtime
+    // torch has loaded, which stays loaded for the life of the process.
+    unsafe { crate::omp_team::set_gomp_parallel(addr) }
+}
+
 /// The number of threads a call asking for `requested` gets (RAYON_NUM_THREADS overrides).
 #[pyfunction]
 fn resolve_threads(requested: usize) -> usize {
@@ -368,6 +371,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expert_mlp_forward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(expert_mlp_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(expert_mlp_backward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(use_openmp_team, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
     Ok(())
 }

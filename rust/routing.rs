@@ -284,7 +284,7 @@ mod tests {
     fn topk_rejects_nan_and_bad_k() {
         let mut out = vec![0; 2];
         assert!(topk_route(&[0.1f32, f32::NAN], 1, 2, 2, &mut out).is_err());
-        assert!(topk_route(&[0.1f32, 0.2], 1, 2, 3, &mut vec![0; 3]).is_err());
+        assert!(topk_route(&[0.1f32, 0.2], 1, 2, 3, &mut [0; 3]).is_err());
         assert!(topk_route(&[0.1f32, 0.2], 1, 2, 0, &mut []).is_err());
     }
 

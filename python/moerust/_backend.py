@@ -24,6 +24,33 @@ except ImportError as exc:  # pragma: no cover - exercised only without a built 
     _native_module = None  # type: ignore[assignment]
     _IMPORT_ERROR = exc
 
+def _openmp_entry() -> int:
+    """Address of ``GOMP_parallel`` in the OpenMP runtime torch loaded, or 0.
+
+    The expert kernels run their tasks on torch's own OpenMP threads through it, instead of
+    bringing extra threads that would compete with torch's spinning workers (see
+    ``rust/omp_team.rs``). Linux only (found through /proc/self/maps); ``MOERUST_OPENMP=0``
+    turns it off.
+    """
+    if os.environ.get("MOERUST_OPENMP", "1") == "0" or not os.path.exists("/proc/self/maps"):
+        return 0
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if "/lib" in line and ("gomp" in line or "libomp" in line)}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            if hasattr(lib, "GOMP_parallel"):
+                return int(ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value or 0)
+    except OSError:  # pragma: no cover - an unreadable or unloadable runtime: fall back to rayon
+        return 0
+    return 0
+
+
+if _native_module is not None and hasattr(_native_module, "use_openmp_team"):
+    _native_module.use_openmp_team(_openmp_entry())
+
 BACKENDS = ("rust", "torch")
 RUST_DTYPES = (torch.float32, torch.float64)
 

@@ -1,0 +1,76 @@
+"""Peak memory of one MoE forward + backward, per variant, each in a fresh process.
+
+The peak is the process's high-water resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) minus its resident set just before the step, after two warm-up steps.
+glibc's mmap threshold is pinned low so freed buffers really leave the process and the resident
+set follows live memory. Linux only.
+
+Usage: ``python -m benches.moe_memory [--threads N] > memory.json``; prints a Markdown table on
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Dict
+
+VARIANTS = ["bound", "moerust", "moerust-topp", "hf-eager", "hf-grouped_mm"]
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def one(variant: str, d: int, ff: int, e: int, k: int, t: int) -> int:
+    from .test_bench_moe import build
+
+    step, _ = build(variant, d, ff, e, k, t)
+    step()
+    step()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM to the current resident set
+    before = _status("VmRSS")
+    step()
+    return _status("VmHWM") - before
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--one", nargs=6)
+    args = ap.parse_args()
+    if args.one:
+        variant, *dims = args.one
+        print(one(variant, *map(int, dims)))
+        return 0
+    from .test_bench_moe import CONFIGS
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MOERUST_BENCH_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    results: Dict[str, Dict[str, int]] = {}
+    for cfg in CONFIGS:
+        key = "d={} ff={} E={} k={} T={}".format(*cfg)
+        results[key] = {}
+        for v in VARIANTS:
+            cmd = [sys.executable, "-m", "benches.moe_memory", "--one", v, *map(str, cfg)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            results[key][v] = int(out.stdout.strip().splitlines()[-1])
+    json.dump(results, sys.stdout, indent=1)
+    print(file=sys.stderr)
+    print("| config | " + " | ".join(f"{v} (MiB)" for v in VARIANTS) + " | moerust / bound | top-p / bound |", file=sys.stderr)
+    print("|---|" + "---:|" * (len(VARIANTS) + 2), file=sys.stderr)
+    for key, r in results.items():
+        cells = " | ".join(f"{r[v] / 2**20:.1f}" for v in VARIANTS)
+        print(f"| {key} | {cells} | {r['moerust'] / r['bound']:.2f}x | {r['moerust-topp'] / r['bound']:.2f}x |", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""One MoE layer, forward + backward, fp32: moerust vs the dense-active bound vs transformers.
+
+Variants per config (d/ff/E/k/T of SPEC section 6), all timed in one run at the thread count of
+``MOERUST_BENCH_THREADS``:
+
+* ``bound``: the dense-active bound, k*T tokens through one SwiGLU expert (torch ``F.linear``).
+* ``moerust``: :class:`moerust.nn.MoE` (top-k, Rust kernels), losses and stats included.
+* ``moerust-torch``: the same layer on the torch backend (per-expert ``mm``).
+* ``moerust-topp``: the layer with top-p routing, ``p`` calibrated to 2 experts per token.
+* ``hf-eager`` / ``hf-grouped_mm`` / ``hf-moerust``: transformers' ``MixtralSparseMoeBlock`` with
+  its experts run by "eager", "grouped_mm" or moerust's experts implementation.
+
+Run ``pytest benches/test_bench_moe.py --benchmark-only --benchmark-json out.json`` and
+``python benches/summarize_moe.py out.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moerust
+from moerust.nn import MLP, MoE, MoEConfig
+
+from .conftest import THREADS
+
+CONFIGS = [(64, 256, 8, 2, 1024), (256, 1024, 8, 2, 2048), (512, 2048, 8, 2, 2048), (256, 512, 64, 8, 2048)]
+VARIANTS = ["bound", "moerust", "moerust-torch", "moerust-topp", "hf-eager", "hf-grouped_mm", "hf-moerust"]
+
+
+def calibrate_p(layer: MoE, x: torch.Tensor, target: float = 2.0) -> float:
+    """The top-p threshold giving ``target`` experts per token on ``x`` (bisection)."""
+    lo, hi = 0.0, 1.0
+    with torch.no_grad():
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            layer.router.p = mid
+            if layer(x)[1].stats.experts_per_token < target:
+                lo = mid
+            else:
+                hi = mid
+    layer.router.p = hi
+    return hi
+
+
+def _init_(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.02)
+
+
+def build(variant: str, d: int, ff: int, e: int, k: int, t: int) -> Tuple[Callable[[], Any], Dict[str, Any]]:
+    """A closure running one forward + backward, and facts to record."""
+    g = torch.Generator().manual_seed(0)
+    info: Dict[str, Any] = {}
+    if variant == "bound":
+        mlp = MLP(d, ff)
+        x = torch.randn(k * t, d, generator=g, requires_grad=True)
+        grad = torch.randn(k * t, d, generator=g)
+
+        def step() -> Any:
+            mlp.zero_grad(set_to_none=True)
+            x.grad = None
+            mlp(x).backward(grad)
+
+        return step, info
+    x = torch.randn(1, t, d, generator=g, requires_grad=True)
+    grad = torch.randn(1, t, d, generator=g)
+    if variant.startswith("moerust"):
+        routing = "topp" if variant == "moerust-topp" else "softmax_topk"
+        layer = MoE(MoEConfig(dim=d, hidden=ff, num_experts=e, k=k, routing=routing, max_k=None))
+        if routing == "topp":
+            info["p"] = calibrate_p(layer, x)
+        backend = "torch" if variant == "moerust-torch" else "rust"
+
+        def step() -> Any:
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            with moerust.use_backend(backend):
+                y, aux = layer(x)
+                (y * grad).sum().add(aux.weighted).backward()
+            info["experts_per_token"] = aux.stats.experts_per_token
+
+        return step, info
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    import moerust.integrations.transformers as mt
+
+    mt.register()
+    impl = variant.split("-", 1)[1]
+    cfg = transformers.MixtralConfig(hidden_size=d, intermediate_size=ff, num_local_experts=e, num_experts_per_tok=k)
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg)
+    _init_(block)
+
+    def step() -> Any:
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        block(x).backward(grad)
+
+    return step, info
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("d,ff,e,k,t", CONFIGS)
+def test_moe_layer(benchmark: Any, variant: str, d: int, ff: int, e: int, k: int, t: int) -> None:
+    step, info = build(variant, d, ff, e, k, t)
+    benchmark.group = f"moe d={d} ff={ff} E={e} k={k} T={t} threads={THREADS}"
+    rounds = 5 if d * ff * t > 256 * 1024 * 2048 else 10
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2, iterations=1)
+    benchmark.extra_info.update(variant=variant, threads=THREADS, **info)
+    if variant == "moerust-topp":
+        assert abs(info["experts_per_token"] - 2.0) < 0.1, info

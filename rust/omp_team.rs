@@ -1,0 +1,130 @@
+//! Runs a kernel's tasks on torch's own OpenMP threads when Python has registered them.
+//!
+//! Why: after every parallel torch op, torch's OpenMP workers spin for a while before they sleep.
+//! A kernel that brings its own threads (rayon) then competes with spinning workers for the same
+//! cores and can run at half speed. Running the tasks *on* the OpenMP team instead uses exactly
+//! the threads torch would use, with no oversubscription. Python looks up `GOMP_parallel` in the
+//! OpenMP runtime torch loaded and passes its address to `set_gomp_parallel`; without it (other
+//! platforms, other runtimes) the tasks run on a rayon pool of the same size.
+
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::threads::with_threads;
+
+/// `void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags)`:
+/// libgomp's (and LLVM libomp's GNU-compatible) entry point for `#pragma omp parallel`.
+type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, u32, u32);
+
+static GOMP_PARALLEL: AtomicUsize = AtomicUsize::new(0);
+
+/// Registers the address of `GOMP_parallel` (0 unregisters).
+///
+/// # Safety
+/// `addr` must be 0 or the address of a function with the `GOMP_parallel` signature that stays
+/// loaded for the life of the process (torch never unloads its OpenMP runtime).
+pub unsafe fn set_gomp_parallel(addr: usize) {
+    GOMP_PARALLEL.store(addr, Ordering::Release);
+}
+
+/// Whether tasks run on an OpenMP team.
+pub fn uses_openmp() -> bool {
+    GOMP_PARALLEL.load(Ordering::Acquire) != 0
+}
+
+struct Shared<'a> {
+    next: AtomicUsize,
+    n: usize,
+    task: &'a (dyn Fn(usize) + Sync),
+    panicked: AtomicBool,
+}
+
+extern "C" fn worker(data: *mut c_void) {
+    // SAFETY: `data` is the `&Shared` that `for_each_task` passed to GOMP_parallel, which returns
+    // only after every thread has left this function, so the reference is live throughout.
+    let shared = unsafe { &*(data as *const Shared<'_>) };
+    loop {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        if i >= shared.n {
+            break;
+        }
+        // A panic must not unwind into C frames; record it and re-raise on the calling thread.
+        if catch_unwind(AssertUnwindSafe(|| (shared.task)(i))).is_err() {
+            shared.panicked.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `task(i)` for every `i < n` on up to `threads` threads, each thread taking the next
+/// unclaimed task (dynamic scheduling, so uneven tasks balance). Returns when all are done.
+pub fn for_each_task(threads: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
+    let threads = crate::threads::resolve_threads(threads).min(n).max(1);
+    if n == 0 {
+        return;
+    }
+    let addr = GOMP_PARALLEL.load(Ordering::Acquire);
+    if threads == 1 {
+        (0..n).for_each(task);
+        return;
+    }
+    if addr == 0 {
+        use rayon::prelude::*;
+        with_threads(threads, usize::MAX, || (0..n).into_par_iter().with_max_len(1).for_each(task));
+        return;
+    }
+    let shared = Shared { next: AtomicUsize::new(0), n, task, panicked: AtomicBool::new(false) };
+    // SAFETY: `addr` was registered through `set_gomp_parallel`, whose contract is that it is
+    // GOMP_parallel; `worker` matches the callback type and `shared` outlives the call, which
+    // blocks until the whole team is done.
+    unsafe {
+        let gomp: GompParallel = std::mem::transmute::<usize, GompParallel>(addr);
+        gomp(worker, &shared as *const Shared<'_> as *mut c_void, threads as u32, 0);
+    }
+    if shared.panicked.load(Ordering::Relaxed) {
+        panic!("a kernel task panicked on an OpenMP thread");
+    }
+}
+
+/// Per-task mutable parts handed out once each: a task takes its own part by index, so tasks
+/// share `&TaskParts` while each still gets exclusive (`&mut`) access to its own buffers.
+pub struct TaskParts<P>(Vec<std::sync::Mutex<Option<P>>>);
+
+impl<P> TaskParts<P> {
+    /// Wraps one part per task.
+    pub fn new(parts: impl IntoIterator<Item = P>) -> Self {
+        Self(parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect())
+    }
+
+    /// Number of parts.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no parts.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Takes part `i`; each part can be taken once.
+    pub fn take(&self, i: usize) -> P {
+        self.0[i].lock().unwrap_or_else(|e| e.into_inner()).take().expect("each task part is taken once")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_on_the_rayon_fallback() {
+        let hits: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
+        for threads in [1, 3] {
+            for_each_task(threads, hits.len(), &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 2));
+        for_each_task(4, 0, &|_| unreachable!());
+    }
+}
