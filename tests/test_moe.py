@@ -291,3 +291,22 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path) -> None:
     again = MoE(MoEConfig(dim=6, hidden=4, num_experts=4, bias_balance=True)).eval()
     again.load_state_dict(load_file(str(tmp_path / "moe.safetensors")))
     assert torch.equal(layer(x)[0], again(x)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+@pytest.mark.parametrize("routing", ["softmax_topk", "topp"])
+def test_layer_runs_on_cuda_with_the_torch_fallbacks(routing: str) -> None:
+    cfg = MoEConfig(dim=16, hidden=12, num_experts=4, k=2, routing=routing, shared_experts=1, capacity_factor=1.5)
+    cpu = MoE(cfg).double().eval()
+    gpu = MoE(cfg).double().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    y_cpu, aux_cpu = cpu(x)
+    xg = x.cuda().requires_grad_(True)
+    y_gpu, aux_gpu = gpu(xg)
+    assert y_gpu.is_cuda
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-10, atol=1e-10)
+    assert aux_gpu.stats.load == aux_cpu.stats.load
+    (y_gpu.square().sum() + aux_gpu.weighted).backward()
+    assert gpu.experts.w1.grad is not None and gpu.experts.w1.grad.is_cuda

@@ -130,6 +130,8 @@ def _(grad, xs, h, w1, w2, offsets, activation):  # type: ignore[no-untyped-def]
 def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor]) -> None:
     xs, w1, w2, offsets, activation = inputs
     ctx.activation = activation
+    # h is internal (never used outside): do not let autograd build a zero gradient for it.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(xs, output[1], w1, w2, offsets)
 
 
