@@ -136,6 +136,8 @@ def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor, grad_h: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    if grad_out is None:  # only h (internal) had a gradient: nothing flows back
+        return None, None, None, None, None
     xs, h, w1, w2, offsets = ctx.saved_tensors
     dxs, dw1, dw2 = _expert_mlp_backward_op(grad_out.contiguous(), xs, h, w1, w2, offsets, ctx.activation)
     need = ctx.needs_input_grad
