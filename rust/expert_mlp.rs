@@ -362,7 +362,7 @@ fn tile_rows(total_rows: usize, threads: usize) -> usize {
     let threads = crate::threads::resolve_threads(threads);
     // The `gemm` crate packs the expert's weights again for every tile, a cost of about 1/rows
     // of the tile's arithmetic: tiles of 256-512 rows keep it small.
-    total_rows.div_ceil(2 * threads).next_multiple_of(16).clamp(64, 512)
+    total_rows.div_ceil(3 * threads).next_multiple_of(16).clamp(64, 512)
 }
 
 /// Cuts `buf` (rows of `width` entries) into the row ranges of `tiles`, which partition it in order.
@@ -480,14 +480,18 @@ pub fn expert_mlp_backward<T: MlpReal>(
 
     // Phase 2, per block of output rows of each expert's weight gradients:
     // dW1_e = dh_e^T xs_e and dW2_e = grad_e^T a_e (a sum over the expert's rows, in row order).
-    let block = tile_rows(s.e * (h1 + d), threads).min(h1.max(d)).max(1);
+    // Blocks of equal output size (dW1 rows hold d entries, dW2 rows F), about three per thread,
+    // so the tasks balance; each still spans at least 16 rows.
+    let target = (2 * h1 * d * s.e).div_ceil(3 * crate::threads::resolve_threads(threads)).max(1);
+    let rows = |width: usize, limit: usize| target.div_ceil(width.max(1)).max(16).min(limit).max(1);
+    let (block1, block2) = (rows(d, h1), rows(f, d));
     let mut tasks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
     for (e, (g1, g2)) in dw1.chunks_mut(h1 * d).zip(dw2.chunks_mut(d * f)).enumerate() {
-        for (i, c) in g1.chunks_mut(block * d).enumerate() {
-            tasks.push((e, true, i * block, c));
+        for (i, c) in g1.chunks_mut(block1 * d).enumerate() {
+            tasks.push((e, true, i * block1, c));
         }
-        for (i, c) in g2.chunks_mut(block * f).enumerate() {
-            tasks.push((e, false, i * block, c));
+        for (i, c) in g2.chunks_mut(block2 * f).enumerate() {
+            tasks.push((e, false, i * block2, c));
         }
     }
     let (a_ref, dh_ref) = (&*a_all, &*dh_all);
