@@ -8,8 +8,9 @@ use rayon::prelude::*;
 
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
+use crate::omp_team::try_for_each_part;
 use crate::real::Real;
-use crate::threads::rows_per_task;
+use crate::threads::{rows_per_task, team_size};
 
 /// The result of `dispatch_plan`. All vectors are int64 so they map straight onto torch tensors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,7 +153,8 @@ pub fn gather<F: Real>(x: &[F], t: usize, d: usize, row_token: &[i64], out: &mut
         return Ok(());
     }
     let rows = rows_per_task(row_token.len(), d, 1 << 14);
-    out.par_chunks_mut(rows * d).zip(row_token.par_chunks(rows)).try_for_each(|(out, toks)| {
+    let parts: Vec<_> = out.chunks_mut(rows * d).zip(row_token.chunks(rows)).collect();
+    try_for_each_part(team_size(), parts, |_, (out, toks)| {
         for (dst, &tok) in out.chunks_exact_mut(d).zip(toks) {
             let tok = row_index("plan.row_token", tok, t)?;
             dst.copy_from_slice(&x[tok * d..(tok + 1) * d]);
@@ -190,7 +192,8 @@ fn slot_sum<F: Real>(rows_in: &[F], r: usize, d: usize, weights: Option<&[F]>, s
         return Ok(());
     }
     let rows = rows_per_task(t, k * d, 1 << 14);
-    out.par_chunks_mut(rows * d).zip(slot_row.par_chunks(rows * k)).enumerate().try_for_each(|(chunk, (out, slots))| {
+    let parts: Vec<_> = out.chunks_mut(rows * d).zip(slot_row.chunks(rows * k)).collect();
+    try_for_each_part(team_size(), parts, |chunk, (out, slots)| {
         with_best_isa(|| {
             for (i, (dst, slots)) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)).enumerate() {
                 dst.fill(F::ZERO);
@@ -274,12 +277,13 @@ pub fn combine_backward<F: Real>(
     let mut dots = vec![F::ZERO; r];
     if r > 0 && d > 0 {
         let rows = rows_per_task(r, 2 * d, 1 << 14);
-        grad_ys
-            .par_chunks_mut(rows * d)
-            .zip(dots.par_chunks_mut(rows))
-            .zip(ys.par_chunks(rows * d))
-            .zip(row_token.par_chunks(rows).zip(row_slot.par_chunks(rows)))
-            .try_for_each(|(((gys, dots), ys), (toks, slots))| with_best_isa(|| {
+        let parts: Vec<_> = grad_ys
+            .chunks_mut(rows * d)
+            .zip(dots.chunks_mut(rows))
+            .zip(ys.chunks(rows * d))
+            .zip(row_token.chunks(rows).zip(row_slot.chunks(rows)))
+            .collect();
+        try_for_each_part(team_size(), parts, |_, (((gys, dots), ys), (toks, slots))| with_best_isa(|| {
                 for (((gy, dot_out), y), (&tok, &slot)) in
                     gys.chunks_exact_mut(d).zip(dots.iter_mut()).zip(ys.chunks_exact(d)).zip(toks.iter().zip(slots))
                 {
@@ -295,10 +299,11 @@ pub fn combine_backward<F: Real>(
                 Ok(())
             }))?;
     }
-    grad_w.par_iter_mut().zip(slot_row.par_iter()).try_for_each(|(gw, &row)| {
+    // T*K scalars: not worth a parallel pass.
+    for (gw, &row) in grad_w.iter_mut().zip(slot_row) {
         *gw = if row == -1 { F::ZERO } else { dots[row_index("plan.slot_row", row, r)?] };
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -371,6 +376,31 @@ mod tests {
         combine_backward(&g, &xs, &w, 2, &p.row_token, &p.row_slot, &p.slot_row, &mut gys, &mut gw).unwrap();
         assert_eq!(gys, vec![0.25, 0.25, 0.5, 0.5, 2.0, 0.0]);
         assert_eq!(gw, vec![3.0, 3.0, 3.0, 0.0]);
+    }
+
+    #[test]
+    fn a_team_of_threads_gives_the_same_results() {
+        use crate::threads::with_team;
+        let (t, k, e, d) = (3000usize, 2usize, 5usize, 48usize);
+        let idx: Vec<i64> = (0..t * k).map(|i| ((i * 7919) % (e + 1)) as i64 - 1).collect();
+        let p = dispatch_plan(&idx, t, k, e, Some(900)).unwrap();
+        let r = p.row_token.len();
+        let x: Vec<f32> = (0..t * d).map(|i| (i % 97) as f32 * 0.01).collect();
+        let w: Vec<f32> = (0..t * k).map(|i| (i % 13) as f32 * 0.1).collect();
+        let run = |team: usize| {
+            with_team(team, usize::MAX, || {
+                let mut xs = vec![0.0f32; r * d];
+                gather(&x, t, d, &p.row_token, &mut xs).unwrap();
+                let mut y = vec![0.0f32; t * d];
+                combine(&xs, r, d, &w, &p.slot_row, t, &mut y).unwrap();
+                let mut gx = vec![0.0f32; t * d];
+                gather_backward(&xs, r, d, &p.slot_row, t, &mut gx).unwrap();
+                let (mut gys, mut gw) = (vec![0.0f32; r * d], vec![0.0f32; t * k]);
+                combine_backward(&y, &xs, &w, d, &p.row_token, &p.row_slot, &p.slot_row, &mut gys, &mut gw).unwrap();
+                (xs, y, gx, gys, gw)
+            })
+        };
+        assert_eq!(run(1), run(4));
     }
 
     #[test]

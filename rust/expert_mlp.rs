@@ -152,6 +152,7 @@ fn exp_f32(x: f32) -> f32 {
     // huge / tiny value (callers only use it in 1 / (1 + e^x), where that is exact enough).
     // max/min rather than clamp: clamp's NaN rules keep the loop from vectorising. NaN still
     // propagates through the arithmetic below.
+    #[allow(clippy::manual_clamp)]
     let x = x.max(-87.0).min(88.0);
     let shifted = x * LOG2E + MAGIC;
     let n = shifted - MAGIC;

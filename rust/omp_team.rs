@@ -112,6 +112,24 @@ impl<P> TaskParts<P> {
     }
 }
 
+/// Runs `f(i, part)` for each of `parts` on up to `threads` threads (see [`for_each_task`]);
+/// returns the first error any task reported.
+pub fn try_for_each_part<P: Send, E: Send>(
+    threads: usize,
+    parts: Vec<P>,
+    f: impl Fn(usize, P) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let n = parts.len();
+    let parts = TaskParts::new(parts);
+    let first_err = std::sync::Mutex::new(None);
+    for_each_task(threads, n, &|i| {
+        if let Err(e) = f(i, parts.take(i)) {
+            first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
+    });
+    first_err.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

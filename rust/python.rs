@@ -16,7 +16,7 @@ use crate::error::KernelError;
 use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
 use crate::routing;
-use crate::threads::with_threads;
+use crate::threads::{with_team, with_threads};
 use crate::window_mask;
 
 impl From<KernelError> for PyErr {
@@ -48,6 +48,12 @@ macro_rules! slice_mut {
 /// most `threads` threads (fewer for small work).
 fn run<R: Send>(py: Python<'_>, threads: usize, work: usize, f: impl FnOnce() -> R + Send) -> R {
     py.detach(|| with_threads(threads, work, f))
+}
+
+/// Like [`run`] for kernels that split their work over torch's OpenMP team (`omp_team`): they
+/// must run on the calling thread, whose OpenMP team is the one torch uses.
+fn run_team<R: Send>(py: Python<'_>, threads: usize, work: usize, f: impl FnOnce() -> R + Send) -> R {
+    py.detach(|| with_team(threads, work, f))
 }
 
 type Arr<'py> = Bound<'py, PyArray1<i64>>;
@@ -97,7 +103,7 @@ macro_rules! float_kernels {
             let (t, d) = (x.shape()[0], x.shape()[1]);
             let (xv, rt) = (slice!(x, "x"), slice!(row_token, "plan.row_token"));
             let o = slice_mut!(out, "out");
-            Ok(run(py, threads, rt.len() * d, || dispatch::gather(xv, t, d, rt, o))?)
+            Ok(run_team(py, threads, rt.len() * d, || dispatch::gather(xv, t, d, rt, o))?)
         }
 
         /// Backward of gather (per-token sum of its rows in slot order) into `out [T, d]`.
@@ -113,7 +119,7 @@ macro_rules! float_kernels {
             let t = slot_row.shape()[0];
             let (g, sr) = (slice!(grad, "grad"), slice!(slot_row, "plan.slot_row"));
             let o = slice_mut!(out, "out");
-            Ok(run(py, threads, (sr.len() + t) * d, || dispatch::gather_backward(g, r, d, sr, t, o))?)
+            Ok(run_team(py, threads, (sr.len() + t) * d, || dispatch::gather_backward(g, r, d, sr, t, o))?)
         }
 
         /// `out[t] = sum_j w[t,j] * ys[slot_row[t,j]]` into `out [T, d]`.
@@ -130,7 +136,7 @@ macro_rules! float_kernels {
             let t = slot_row.shape()[0];
             let (y, w, sr) = (slice!(ys, "ys"), slice!(weights, "weights"), slice!(slot_row, "plan.slot_row"));
             let o = slice_mut!(out, "out");
-            Ok(run(py, threads, (sr.len() + t) * d, || dispatch::combine(y, r, d, w, sr, t, o))?)
+            Ok(run_team(py, threads, (sr.len() + t) * d, || dispatch::combine(y, r, d, w, sr, t, o))?)
         }
 
         /// Backward of combine into `grad_ys [R, d]` and `grad_w [T, K]`.
@@ -153,7 +159,7 @@ macro_rules! float_kernels {
             let (rt, rs, sr) =
                 (slice!(row_token, "plan.row_token"), slice!(row_slot, "plan.row_slot"), slice!(slot_row, "plan.slot_row"));
             let (gys, gw) = (slice_mut!(grad_ys, "grad_ys"), slice_mut!(grad_w, "grad_w"));
-            Ok(run(py, threads, 3 * y.len(), || dispatch::combine_backward(g, y, w, d, rt, rs, sr, gys, gw))?)
+            Ok(run_team(py, threads, 3 * y.len(), || dispatch::combine_backward(g, y, w, d, rt, rs, sr, gys, gw))?)
         }
 
         /// LARS / bidirectional scaling of flat gradient buffers in place; returns unit ratios.

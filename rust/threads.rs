@@ -50,10 +50,31 @@ pub fn with_threads<R: Send>(requested: usize, work: usize, f: impl FnOnce() -> 
     pool.install(f)
 }
 
+thread_local! {
+    static TEAM: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` on this thread with `threads_for(requested, work)` as the team size that
+/// `omp_team` kernels split their tasks over (see [`team_size`]).
+pub fn with_team<R>(requested: usize, work: usize, f: impl FnOnce() -> R) -> R {
+    let n = threads_for(requested, work);
+    let before = TEAM.with(|t| t.replace(n));
+    let out = f();
+    TEAM.with(|t| t.set(before));
+    out
+}
+
+/// The team size set by [`with_team`], or 1 outside of it.
+pub fn team_size() -> usize {
+    TEAM.with(|t| t.get()).max(1)
+}
+
 /// Rows per parallel task so that each task does at least `min_work` element operations.
 pub fn rows_per_task(rows: usize, work_per_row: usize, min_work: usize) -> usize {
     let by_work = min_work.div_ceil(work_per_row.max(1));
-    let threads = rayon::current_num_threads().max(1);
+    // Inside a team (omp_team kernels) split for the team; else for the current rayon pool.
+    let team = TEAM.with(|t| t.get());
+    let threads = if team > 0 { team } else { rayon::current_num_threads().max(1) };
     // Several tasks per thread so uneven rows still balance.
     let by_balance = rows.div_ceil(threads * 4);
     by_work.max(by_balance).max(1)
