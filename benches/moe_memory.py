@@ -1,9 +1,10 @@
 """Peak memory of one MoE forward + backward, per variant, each in a fresh process.
 
 The peak is the process's high-water resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``) minus its resident set just before the step, after two warm-up steps.
-glibc's mmap threshold is pinned low so freed buffers really leave the process and the resident
-set follows live memory. Linux only.
+``/proc/self/clear_refs``) over three steps, minus its resident set once the layer and its inputs
+exist. Counting from before the first step charges every buffer a variant keeps between steps
+(moerust's reused kernel scratch included) to that variant. glibc's mmap threshold is pinned low
+so freed buffers really leave the process and the resident set follows live memory. Linux only.
 
 Usage: ``python -m benches.moe_memory [--threads N] > memory.json``; prints a Markdown table on
 stderr.
@@ -33,12 +34,11 @@ def one(variant: str, d: int, ff: int, e: int, k: int, t: int) -> int:
     from .test_bench_moe import build
 
     step, _ = build(variant, d, ff, e, k, t)
-    step()
-    step()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM to the current resident set
     before = _status("VmRSS")
-    step()
+    for _ in range(3):
+        step()
     return _status("VmHWM") - before
 
 
