@@ -2,8 +2,9 @@
 
 The peak is the process's high-water resident set (``VmHWM``, reset through
 ``/proc/self/clear_refs``) over three steps, minus its resident set once the layer and its inputs
-exist. Counting from before the first step charges every buffer a variant keeps between steps
-(moerust's reused kernel scratch included) to that variant. glibc's mmap threshold is pinned low
+exist. A 16-token step of the same variant runs first (one-time initialisation is not the
+layer's memory); counting from before the first full-size step then charges every buffer a
+variant keeps between steps (moerust's reused kernel scratch included) to that variant. glibc's mmap threshold is pinned low
 so freed buffers really leave the process and the resident set follows live memory. Linux only.
 
 Usage: ``python -m benches.moe_memory [--threads N] > memory.json``; prints a Markdown table on
@@ -33,6 +34,9 @@ def _status(field: str) -> int:
 def one(variant: str, d: int, ff: int, e: int, k: int, t: int) -> int:
     from .test_bench_moe import build
 
+    # One step of the same variant on 16 tokens first: one-time initialisation (lazy imports,
+    # thread pools) is not memory of the layer, and this leaves the big buffers to the real steps.
+    build(variant, d, ff, e, k, 16)[0]()
     step, _ = build(variant, d, ff, e, k, t)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM to the current resident set
