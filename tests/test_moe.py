@@ -310,3 +310,15 @@ def test_layer_runs_on_cuda_with_the_torch_fallbacks(routing: str) -> None:
     assert aux_gpu.stats.load == aux_cpu.stats.load
     (y_gpu.square().sum() + aux_gpu.weighted).backward()
     assert gpu.experts.w1.grad is not None and gpu.experts.w1.grad.is_cuda
+
+
+@pytest.mark.parametrize("name", ["balance", "z", "entropy", "uniform"])
+def test_each_weighted_loss_reaches_the_router(name: str) -> None:
+    weights = {"balance_weight": 0.0, "z_weight": 0.0, "entropy_weight": 0.0, "uniform_weight": 0.0}
+    weights[f"{name}_weight"] = 1.0
+    layer = MoE(MoEConfig(dim=6, hidden=4, num_experts=4, **weights))
+    _, aux = layer(torch.randn(16, 6))
+    assert all(float(v.detach()) >= 0 for v in aux.losses.values())  # all reported
+    aux.weighted.backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(aux.weighted.detach(), aux.losses[name].detach())

@@ -201,18 +201,23 @@ class MoE(nn.Module):
         return y.reshape(shape), MoEAux(losses, weighted, stats, r)
 
     def _losses(self, r: RouterOutput, counts: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if self.global_balance is not None and self.training:
-            balance = self.global_balance.loss(r.probs, r.idx)
-        elif self.config.balance == "none":
-            balance = r.probs.new_zeros(())
-        else:
-            balance = switch_loss(r.probs, r.idx, counts=counts)
-        return {
-            "balance": balance,
-            "z": z_loss(r.logits),
-            "entropy": entropy_loss(r.probs),
-            "uniform": uniform_mse_loss(r.probs),
-        }
+        c = self.config
+        grad = torch.is_grad_enabled()
+        # Every loss is reported; only those with a weight build a graph for the backward.
+        with torch.set_grad_enabled(grad and c.balance_weight > 0):
+            if self.global_balance is not None and self.training:
+                balance = self.global_balance.loss(r.probs, r.idx)
+            elif c.balance == "none":
+                balance = r.probs.new_zeros(())
+            else:
+                balance = switch_loss(r.probs, r.idx, counts=counts)
+        with torch.set_grad_enabled(grad and c.z_weight > 0):
+            z = z_loss(r.logits)
+        with torch.set_grad_enabled(grad and c.entropy_weight > 0):
+            entropy = entropy_loss(r.probs)
+        with torch.set_grad_enabled(grad and c.uniform_weight > 0):
+            uniform = uniform_mse_loss(r.probs)
+        return {"balance": balance, "z": z, "entropy": entropy, "uniform": uniform}
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
