@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use _native::{dispatch, routing, threads::with_threads};
+use _native::{dispatch, routing, threads::with_team};
 
 fn time<F: FnMut()>(name: &str, mut f: F) {
     f();
@@ -31,7 +31,7 @@ fn main() {
         let mut out = vec![0i64; t * k];
         for threads in [1, 2] {
             time(&format!("topk t={t} e={e} k={k} threads={threads}"), || {
-                with_threads(threads, usize::MAX, || routing::topk_route(&probs, t, e, k, &mut out)).unwrap()
+                with_team(threads, usize::MAX, || routing::topk_route(&probs, t, e, k, &mut out)).unwrap()
             });
         }
         let mut idx = vec![0i64; t * e];
@@ -45,13 +45,13 @@ fn main() {
             .collect();
         for threads in [1, 2] {
             time(&format!("topp t={t} e={e} p=0.4 threads={threads}"), || {
-                with_threads(threads, usize::MAX, || routing::topp_route(&norm, t, e, &[0.4], 1, e, &mut idx, &mut counts)).unwrap()
+                with_team(threads, usize::MAX, || routing::topp_route(&norm, t, e, &[0.4], 1, e, &mut idx, &mut counts)).unwrap()
             });
         }
         let ids: Vec<i64> = out.clone();
         for threads in [1, 2] {
             time(&format!("plan t={t} e={e} k={k} threads={threads}"), || {
-                with_threads(threads, usize::MAX, || dispatch::dispatch_plan(&ids, t, k, e, None)).unwrap();
+                with_team(threads, usize::MAX, || dispatch::dispatch_plan(&ids, t, k, e, None)).unwrap();
             });
         }
     }

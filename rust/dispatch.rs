@@ -4,8 +4,6 @@
 //!
 //! Shapes: T tokens, K slots per token, E experts, R kept rows, d features.
 
-use rayon::prelude::*;
-
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
 use crate::omp_team::try_for_each_part;
@@ -69,20 +67,18 @@ pub fn dispatch_plan(idx: &[i64], t: usize, k: usize, num_experts: usize, capaci
     let n_chunks = n.div_ceil(chunk_slots);
 
     // Pass 1: per-chunk histograms (and validation of the indices).
-    let hist: Vec<Vec<i64>> = idx
-        .par_chunks(chunk_slots)
-        .map(|slots| {
-            let mut h = vec![0i64; e];
-            for &x in slots {
-                if x >= 0 && (x as usize) < e {
-                    h[x as usize] += 1;
-                } else if x != -1 {
-                    return value_err(format!("idx holds expert {x}, outside [-1, {e}) (num_experts = {e})"));
-                }
+    let mut hist = vec![vec![0i64; e]; n_chunks];
+    let parts: Vec<_> = idx.chunks(chunk_slots).zip(hist.iter_mut()).collect();
+    try_for_each_part(team_size(), parts, |_, (slots, h)| {
+        for &x in slots {
+            if x >= 0 && (x as usize) < e {
+                h[x as usize] += 1;
+            } else if x != -1 {
+                return value_err(format!("idx holds expert {x}, outside [-1, {e}) (num_experts = {e})"));
             }
-            Ok(h)
-        })
-        .collect::<KResult<_>>()?;
+        }
+        Ok(())
+    })?;
 
     // Where each chunk's slots start inside each expert, the kept counts and the row offsets.
     let cap = capacity.map(|c| c as i64).unwrap_or(i64::MAX);
@@ -109,12 +105,8 @@ pub fn dispatch_plan(idx: &[i64], t: usize, k: usize, num_experts: usize, capaci
     {
         let tok_w = DisjointWriter::new(&mut row_token);
         let slot_w = DisjointWriter::new(&mut row_slot);
-        slot_row
-            .par_chunks_mut(chunk_slots)
-            .zip(idx.par_chunks(chunk_slots))
-            .zip(base.par_iter())
-            .enumerate()
-            .for_each(|(c, ((rows, slots), base))| {
+        let parts: Vec<_> = slot_row.chunks_mut(chunk_slots).zip(idx.chunks(chunk_slots)).zip(base.iter()).collect();
+        try_for_each_part(team_size(), parts, |c, ((rows, slots), base)| -> KResult<()> {
                 let mut cursor = base.clone();
                 let first = c * chunk_slots;
                 for (i, (&x, row)) in slots.iter().zip(rows.iter_mut()).enumerate() {
@@ -132,7 +124,8 @@ pub fn dispatch_plan(idx: &[i64], t: usize, k: usize, num_experts: usize, capaci
                         slot_w.write(dst, flat as i64);
                     }
                 }
-            });
+                Ok(())
+            })?;
     }
     Ok(Plan { counts, offsets, row_token, row_slot, slot_row, dropped })
 }
@@ -384,6 +377,7 @@ mod tests {
         let (t, k, e, d) = (3000usize, 2usize, 5usize, 48usize);
         let idx: Vec<i64> = (0..t * k).map(|i| ((i * 7919) % (e + 1)) as i64 - 1).collect();
         let p = dispatch_plan(&idx, t, k, e, Some(900)).unwrap();
+        assert_eq!(with_team(4, usize::MAX, || dispatch_plan(&idx, t, k, e, Some(900)).unwrap()), p);
         let r = p.row_token.len();
         let x: Vec<f32> = (0..t * d).map(|i| (i % 97) as f32 * 0.01).collect();
         let w: Vec<f32> = (0..t * k).map(|i| (i % 13) as f32 * 0.1).collect();

@@ -70,7 +70,7 @@ macro_rules! float_kernels {
             let (t, e, k) = (probs.shape()[0], probs.shape()[1], out.shape()[1]);
             let p = slice!(probs, "probs");
             let o = slice_mut!(out, "out");
-            Ok(run(py, threads, t * e, || routing::topk_route(p, t, e, k, o))?)
+            Ok(run_team(py, threads, t * e, || routing::topk_route(p, t, e, k, o))?)
         }
 
         /// Top-p expert indices into `idx [T, max_k]` (-1 padded) and `counts [T]`; `p` holds one
@@ -88,7 +88,7 @@ macro_rules! float_kernels {
             let (t, e, max_k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
             let (pr, pv) = (slice!(probs, "probs"), slice!(p, "p"));
             let (ix, c) = (slice_mut!(idx, "idx"), slice_mut!(counts, "counts"));
-            Ok(run(py, threads, t * e, || routing::topp_route(pr, t, e, pv, min_k, max_k, ix, c))?)
+            Ok(run_team(py, threads, t * e, || routing::topp_route(pr, t, e, pv, min_k, max_k, ix, c))?)
         }
 
         /// `out[r] = x[row_token[r]]` into `out [R, d]`.
@@ -271,7 +271,7 @@ fn dispatch_plan<'py>(
 ) -> PyResult<(Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>, i64)> {
     let (t, k) = (idx.shape()[0], idx.shape()[1]);
     let ix = slice!(idx, "idx");
-    let p = run(py, threads, 4 * ix.len(), || dispatch::dispatch_plan(ix, t, k, num_experts, capacity))?;
+    let p = run_team(py, threads, 4 * ix.len(), || dispatch::dispatch_plan(ix, t, k, num_experts, capacity))?;
     Ok((
         i64_array(py, p.counts),
         i64_array(py, p.offsets),

@@ -3,11 +3,10 @@
 //!
 //! Order used everywhere: larger value first, ties broken by the lower expert index.
 
-use rayon::prelude::*;
-
 use crate::error::{check_len, value_err, KResult};
+use crate::omp_team::try_for_each_part;
 use crate::real::Real;
-use crate::threads::rows_per_task;
+use crate::threads::{rows_per_task, team_size};
 
 fn nan_error<T>(row: usize) -> KResult<T> {
     value_err(format!("probs contains NaN (row {row})"))
@@ -25,10 +24,8 @@ pub fn topk_route<F: RankKey>(probs: &[F], t: usize, e: usize, k: usize, out: &m
         return Ok(());
     }
     let rows = rows_per_task(t, e, 1 << 14);
-    out.par_chunks_mut(rows * k)
-        .zip(probs.par_chunks(rows * e))
-        .enumerate()
-        .try_for_each(|(chunk, (out, probs))| {
+    let parts: Vec<_> = out.chunks_mut(rows * k).zip(probs.chunks(rows * e)).collect();
+    try_for_each_part(team_size(), parts, |chunk, (out, probs)| {
             // The best k keys so far, in descending order; most candidates lose to the last one.
             let mut best: Vec<F::Key> = vec![F::MIN_KEY; k];
             for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)).enumerate() {
@@ -181,11 +178,8 @@ pub fn topp_route<F: RankKey>(
         return Ok(());
     }
     let rows = rows_per_task(t, e, 1 << 14);
-    idx.par_chunks_mut(rows * max_k)
-        .zip(counts.par_chunks_mut(rows))
-        .zip(probs.par_chunks(rows * e))
-        .enumerate()
-        .try_for_each(|(chunk, ((idx, counts), probs))| {
+    let parts: Vec<_> = idx.chunks_mut(rows * max_k).zip(counts.chunks_mut(rows)).zip(probs.chunks(rows * e)).collect();
+    try_for_each_part(team_size(), parts, |chunk, ((idx, counts), probs)| {
             let mut heap: Vec<F::Key> = Vec::with_capacity(e);
             for (r, ((row, dst), count)) in probs
                 .chunks_exact(e)
