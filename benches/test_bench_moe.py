@@ -20,7 +20,6 @@ from typing import Any, Callable, Dict, Tuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moerust
 from moerust.nn import MLP, MoE, MoEConfig
