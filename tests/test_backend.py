@@ -153,3 +153,25 @@ def test_cuda_tensors_use_torch_twins() -> None:
     model = torch.nn.Linear(8, 8).cuda()
     model(torch.randn(4, 8, device="cuda")).sum().backward()
     assert ops.lars_(model.parameters()).shape == (2,)
+
+
+def test_openmp_team_and_its_rayon_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels run on torch's OpenMP team when found (Linux) and on rayon otherwise; same results."""
+    entry = _backend._openmp_entry()
+    if sys.platform.startswith("linux"):
+        assert entry != 0, "torch's OpenMP runtime (GOMP_parallel) should be found on Linux"
+    monkeypatch.setenv("MOERUST_OPENMP", "0")
+    assert _backend._openmp_entry() == 0
+    x = torch.randn(5000, 64)
+    idx = torch.randint(0, 8, (5000, 2))
+    results = []
+    for addr in (entry, 0):
+        _backend.native().use_openmp_team(addr)
+        try:
+            with moerust.use_backend("rust"):
+                plan = ops.dispatch_plan(idx, 8)
+                results.append((plan.row_token, ops.combine(ops.gather(x, plan), torch.ones(5000, 2), plan)))
+        finally:
+            _backend.native().use_openmp_team(entry)
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
