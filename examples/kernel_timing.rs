@@ -1,22 +1,9 @@
 //! Quick single-process timings of the kernels without Python: `cargo run --release --example kernel_timing`.
 
-use std::time::Instant;
+mod common;
+use common::time;
 
 use _native::{dispatch, routing, threads::with_team};
-
-fn time<F: FnMut()>(name: &str, mut f: F) {
-    f();
-    let n = 20;
-    let mut v: Vec<f64> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!("{name:<40} {:>10.1} us", v[n / 2]);
-}
 
 fn main() {
     let mut seed = 12345u64;
@@ -30,7 +17,7 @@ fn main() {
         let probs: Vec<f32> = (0..t * e).map(|_| rnd()).collect();
         let mut out = vec![0i64; t * k];
         for threads in [1, 2] {
-            time(&format!("topk t={t} e={e} k={k} threads={threads}"), || {
+            time(&format!("topk t={t} e={e} k={k} threads={threads}"), 20, || {
                 with_team(threads, usize::MAX, || routing::topk_route(&probs, t, e, k, &mut out)).unwrap()
             });
         }
@@ -44,13 +31,13 @@ fn main() {
             })
             .collect();
         for threads in [1, 2] {
-            time(&format!("topp t={t} e={e} p=0.4 threads={threads}"), || {
+            time(&format!("topp t={t} e={e} p=0.4 threads={threads}"), 20, || {
                 with_team(threads, usize::MAX, || routing::topp_route(&norm, t, e, &[0.4], 1, e, &mut idx, &mut counts)).unwrap()
             });
         }
         let ids: Vec<i64> = out.clone();
         for threads in [1, 2] {
-            time(&format!("plan t={t} e={e} k={k} threads={threads}"), || {
+            time(&format!("plan t={t} e={e} k={k} threads={threads}"), 20, || {
                 with_team(threads, usize::MAX, || dispatch::dispatch_plan(&ids, t, k, e, None)).unwrap();
             });
         }

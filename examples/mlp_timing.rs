@@ -1,25 +1,11 @@
 //! Timings of the expert MLP kernel without Python: `cargo run --release --example mlp_timing [threads]`.
 
-use std::time::Instant;
+mod common;
+use common::time;
 
 use _native::expert_mlp::{act_backward, act_forward, expert_mlp_backward, expert_mlp_forward, Activation, MlpShape};
 use _native::isa::with_best_isa;
 use _native::threads::with_threads;
-
-fn time<F: FnMut()>(name: &str, mut f: F) -> f64 {
-    f();
-    let n = 7;
-    let mut v: Vec<f64> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!("{name:<48} {:>9.2} ms", v[n / 2]);
-    v[n / 2]
-}
 
 fn activations() {
     let (rows, f) = (2048usize, 256usize);
@@ -28,11 +14,11 @@ fn activations() {
     let mut dh = vec![0.0f32; rows * 2 * f];
     let da = vec![0.1f32; rows * f];
     let per = |ms: f64| ms * 1e6 / (rows * f) as f64;
-    let t = time("swiglu forward (2048 x 256)", || {
+    let t = time("swiglu forward (2048 x 256)", 7, || {
         with_best_isa(|| h.chunks_exact(2 * f).zip(a.chunks_exact_mut(f)).for_each(|(h, a)| act_forward(Activation::SwiGlu, h, a)))
     });
     println!("  {:.2} ns/element", per(t));
-    let t = time("swiglu backward (2048 x 256)", || {
+    let t = time("swiglu backward (2048 x 256)", 7, || {
         with_best_isa(|| {
             for ((h, da), (a, dh)) in h.chunks_exact(2 * f).zip(da.chunks_exact(f)).zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(2 * f))) {
                 act_backward(Activation::SwiGlu, h, da, a, dh)
@@ -60,8 +46,8 @@ fn main() {
         let (mut dxs, mut dw1, mut dw2) = (vec![0.0f32; r * d], vec![0.0f32; w1.len()], vec![0.0f32; w2.len()]);
         let gflop = 2.0 * 3.0 * (r * d * 2 * f + r * f * d) as f64 / 1e9;
         let name = format!("d={d} f={f} E={e} k={k} T={t} thr={threads}");
-        let fw = time(&format!("{name} fwd"), || with_threads(threads, usize::MAX, || expert_mlp_forward(&s, threads, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()));
-        let bw = time(&format!("{name} bwd"), || {
+        let fw = time(&format!("{name} fwd"), 7, || with_threads(threads, usize::MAX, || expert_mlp_forward(&s, threads, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()));
+        let bw = time(&format!("{name} bwd"), 7, || {
             with_threads(threads, usize::MAX, || expert_mlp_backward(&s, threads, &out, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap())
         });
         println!("  {:.1} GFLOP/s", gflop / ((fw + bw) / 1e3));
