@@ -5,7 +5,7 @@ use common::time;
 
 use _native::expert_mlp::{act_backward, act_forward, expert_mlp_backward, expert_mlp_forward, Activation, MlpShape};
 use _native::isa::with_best_isa;
-use _native::threads::with_threads;
+use _native::threads::with_team;
 
 fn activations() {
     let (rows, f) = (2048usize, 256usize);
@@ -46,9 +46,9 @@ fn main() {
         let (mut dxs, mut dw1, mut dw2) = (vec![0.0f32; r * d], vec![0.0f32; w1.len()], vec![0.0f32; w2.len()]);
         let gflop = 2.0 * 3.0 * (r * d * 2 * f + r * f * d) as f64 / 1e9;
         let name = format!("d={d} f={f} E={e} k={k} T={t} thr={threads}");
-        let fw = time(&format!("{name} fwd"), 7, || with_threads(threads, usize::MAX, || expert_mlp_forward(&s, threads, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()));
+        let fw = time(&format!("{name} fwd"), 7, || with_team(threads, usize::MAX, || expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()));
         let bw = time(&format!("{name} bwd"), 7, || {
-            with_threads(threads, usize::MAX, || expert_mlp_backward(&s, threads, &out, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap())
+            with_team(threads, usize::MAX, || expert_mlp_backward(&s, &out, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap())
         });
         println!("  {:.1} GFLOP/s", gflop / ((fw + bw) / 1e3));
     }

@@ -15,7 +15,8 @@
 
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
-use crate::omp_team::{for_each_task, TaskParts};
+use crate::omp_team::for_each_part;
+use crate::threads::team_size;
 use crate::real::Real;
 
 /// The expert MLP's activation.
@@ -60,11 +61,27 @@ pub trait MlpReal: Real + std::ops::Sub<Output = Self> + std::ops::Div<Output = 
     fn erf(self) -> Self;
     /// Runs `f` with this thread's tile scratch, at least `len` long (contents unspecified).
     fn with_tile_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+    /// The process-wide cached scratch buffer of this type.
+    fn shared_slot() -> &'static std::sync::Mutex<Vec<Self>>;
+
     /// A process-wide scratch buffer of exactly `len` elements (contents unspecified); hand it
     /// back with [`MlpReal::give_back`]. A concurrent caller simply gets a fresh one.
-    fn take_shared(len: usize) -> Vec<Self>;
+    fn take_shared(len: usize) -> Vec<Self> {
+        let mut buf = std::mem::take(&mut *Self::shared_slot().lock().unwrap_or_else(|e| e.into_inner()));
+        buf.resize(len, Self::ZERO);
+        buf
+    }
+
     /// Returns a buffer from [`MlpReal::take_shared`] for the next call to reuse.
-    fn give_back(buf: Vec<Self>);
+    fn give_back(buf: Vec<Self>) {
+        if buf.len() <= KEEP_SHARED {
+            let mut slot = Self::shared_slot().lock().unwrap_or_else(|e| e.into_inner());
+            // Keep the larger one, so a small call does not evict a big buffer.
+            if buf.len() > slot.len() {
+                *slot = buf;
+            }
+        }
+    }
 }
 
 /// Largest shared scratch kept between calls (elements); bigger ones are freed.
@@ -88,31 +105,11 @@ macro_rules! scratch_impl {
             })
         }
 
-        fn take_shared(len: usize) -> Vec<Self> {
-            let mut buf = std::mem::take(&mut *shared_slot::<$t>().lock().unwrap_or_else(|e| e.into_inner()));
-            buf.resize(len, 0.0);
-            buf
-        }
-
-        fn give_back(buf: Vec<Self>) {
-            if buf.len() <= KEEP_SHARED {
-                let mut slot = shared_slot::<$t>().lock().unwrap_or_else(|e| e.into_inner());
-                // Keep the larger one, so a small call does not evict a big buffer.
-                if buf.len() > slot.len() {
-                    *slot = buf;
-                }
-            }
+        fn shared_slot() -> &'static std::sync::Mutex<Vec<Self>> {
+            static SLOT: std::sync::Mutex<Vec<$t>> = std::sync::Mutex::new(Vec::new());
+            &SLOT
         }
     };
-}
-
-/// The cached shared scratch of element type `T`.
-fn shared_slot<T: 'static>() -> &'static std::sync::Mutex<Vec<T>> {
-    use std::any::Any;
-    static F32: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
-    static F64: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
-    let any: &'static dyn Any = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() { &F32 } else { &F64 };
-    any.downcast_ref().expect("scratch is only used with f32 and f64")
 }
 
 impl MlpReal for f32 {
@@ -239,20 +236,21 @@ struct Strides {
     cs: usize,
 }
 
-/// A row-major matrix with rows of `width` entries.
-#[allow(non_snake_case)]
-fn ROW_MAJOR(width: usize) -> Strides {
-    Strides { rs: width, cs: 1 }
-}
+impl Strides {
+    /// A row-major matrix with rows of `width` entries.
+    fn row_major(width: usize) -> Self {
+        Strides { rs: width, cs: 1 }
+    }
 
-/// The transpose of a row-major matrix with rows of `width` entries.
-#[allow(non_snake_case)]
-fn TRANSPOSED(width: usize) -> Strides {
-    Strides { rs: 1, cs: width }
-}
+    /// The transpose of a row-major matrix with rows of `width` entries.
+    fn transposed(width: usize) -> Self {
+        Strides { rs: 1, cs: width }
+    }
 
-fn last_index(rows: usize, cols: usize, s: Strides) -> usize {
-    (rows - 1) * s.rs + (cols - 1) * s.cs
+    /// Offset of the last element of a `rows x cols` operand.
+    fn last_index(self, rows: usize, cols: usize) -> usize {
+        (rows - 1) * self.rs + (cols - 1) * self.cs
+    }
 }
 
 /// `dst [m, n]` (row-major, rows `dst_rs` apart) `= lhs [m, k] · rhs [k, n]` on one thread.
@@ -261,15 +259,15 @@ fn matmul<T: MlpReal>(m: usize, n: usize, k: usize, dst: &mut [T], dst_rs: usize
     if m == 0 || n == 0 {
         return;
     }
-    assert!(last_index(m, n, ROW_MAJOR(dst_rs)) < dst.len(), "matmul: dst too small");
+    assert!(Strides::row_major(dst_rs).last_index(m, n) < dst.len(), "matmul: dst too small");
     if k == 0 {
         for row in dst.chunks_mut(dst_rs).take(m) {
             row[..n].fill(T::ZERO);
         }
         return;
     }
-    assert!(last_index(m, k, ls) < lhs.len(), "matmul: lhs too small");
-    assert!(last_index(k, n, rs) < rhs.len(), "matmul: rhs too small");
+    assert!(ls.last_index(m, k) < lhs.len(), "matmul: lhs too small");
+    assert!(rs.last_index(k, n) < rhs.len(), "matmul: rhs too small");
     // SAFETY: the asserts above prove every element gemm reads or writes (the largest offsets
     // are the last indices checked) lies inside the borrowed slices; `dst` is borrowed mutably,
     // so it cannot alias `lhs` or `rhs`; read_dst = false, so dst's old contents are not read.
@@ -357,12 +355,10 @@ fn row_tiles(ranges: &[(usize, usize)], rows_per_tile: usize) -> Vec<(usize, usi
     tiles
 }
 
-/// Rows per tile: several tiles per thread (uneven experts still balance), but not so few rows
-/// that packing the expert's weights for each tile outweighs the tile's arithmetic.
+/// Rows per tile: about three tiles per thread (uneven experts still balance), but at least 64
+/// rows: the `gemm` crate packs the expert's weights again for every tile, a cost of about
+/// 1/rows of the tile's arithmetic.
 fn tile_rows(total_rows: usize, threads: usize) -> usize {
-    let threads = crate::threads::resolve_threads(threads);
-    // The `gemm` crate packs the expert's weights again for every tile, a cost of about 1/rows
-    // of the tile's arithmetic: tiles of 256-512 rows keep it small.
     total_rows.div_ceil(3 * threads).next_multiple_of(16).clamp(64, 512)
 }
 
@@ -383,12 +379,10 @@ fn check_sizes<T>(s: &MlpShape, xs: &[T], w1: &[T], w2: &[T]) -> KResult<()> {
     check_len("w2", w2.len(), s.e * s.d * s.f)
 }
 
-/// Forward: fills `h [R, H1]` (pre-activations, kept for the backward) and `out [R, d]`, on up
-/// to `threads` threads.
-#[allow(clippy::too_many_arguments)]
+/// Forward: fills `h [R, H1]` (pre-activations, kept for the backward) and `out [R, d]`, split
+/// over the team of [`crate::threads::with_team`].
 pub fn expert_mlp_forward<T: MlpReal>(
     s: &MlpShape,
-    threads: usize,
     xs: &[T],
     w1: &[T],
     w2: &[T],
@@ -404,33 +398,33 @@ pub fn expert_mlp_forward<T: MlpReal>(
     if s.r == 0 {
         return Ok(());
     }
+    let threads = team_size();
     let tiles = row_tiles(&ranges, tile_rows(s.r, threads));
-    let parts = TaskParts::new(split_by_tiles(h, h1, &tiles).into_iter().zip(split_by_tiles(out, d, &tiles)));
-    for_each_task(threads, tiles.len(), &|i| {
+    let parts: Vec<_> = split_by_tiles(h, h1, &tiles).into_iter().zip(split_by_tiles(out, d, &tiles)).collect();
+    for_each_part(threads, parts, |i, (h, out)| {
         let (e, lo, hi) = tiles[i];
-        let (h, out) = parts.take(i);
         let n = hi - lo;
         let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
         let w2e = &w2[e * d * f..(e + 1) * d * f];
-        matmul(n, h1, d, h, h1, &xs[lo * d..hi * d], ROW_MAJOR(d), w1e, TRANSPOSED(d));
+        matmul(n, h1, d, h, h1, &xs[lo * d..hi * d], Strides::row_major(d), w1e, Strides::transposed(d));
         T::with_tile_scratch(n * f, |a| {
             with_best_isa(|| {
                 for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
                     act_forward(s.act, hr, ar);
                 }
             });
-            matmul(n, d, f, out, d, a, ROW_MAJOR(f), w2e, TRANSPOSED(f));
+            matmul(n, d, f, out, d, a, Strides::row_major(f), w2e, Strides::transposed(f));
         });
     });
     Ok(())
 }
 
 /// Gradients of the forward: `dxs [R, d]`, `dw1 [E, H1, d]`, `dw2 [E, d, F]` from the output
-/// gradient `grad [R, d]` and the saved `xs` and `h`.
+/// gradient `grad [R, d]` and the saved `xs` and `h`, split over the team of
+/// [`crate::threads::with_team`].
 #[allow(clippy::too_many_arguments)]
 pub fn expert_mlp_backward<T: MlpReal>(
     s: &MlpShape,
-    threads: usize,
     grad: &[T],
     xs: &[T],
     h: &[T],
@@ -449,6 +443,7 @@ pub fn expert_mlp_backward<T: MlpReal>(
     check_len("dw1", dw1.len(), w1.len())?;
     check_len("dw2", dw2.len(), w2.len())?;
     let ranges = expert_ranges(offsets, s)?;
+    let threads = team_size();
 
     // Phase 1, per row tile: da = grad W2_e, then a and dh from h, then dxs = dh W1_e.
     // `a` and `dh` are kept whole: the weight gradients need them summed over all of an expert's rows.
@@ -459,15 +454,14 @@ pub fn expert_mlp_backward<T: MlpReal>(
         let a_parts = split_by_tiles(a_all, f, &tiles);
         let dh_parts = split_by_tiles(dh_all, h1, &tiles);
         let dx_parts = split_by_tiles(dxs, d, &tiles);
-        let parts = TaskParts::new(a_parts.into_iter().zip(dh_parts).zip(dx_parts));
-        for_each_task(threads, tiles.len(), &|i| {
+        let parts: Vec<_> = a_parts.into_iter().zip(dh_parts).zip(dx_parts).collect();
+        for_each_part(threads, parts, |i, ((a, dh), dx)| {
             let (e, lo, hi) = tiles[i];
-            let ((a, dh), dx) = parts.take(i);
             let n = hi - lo;
             let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
             let w2e = &w2[e * d * f..(e + 1) * d * f];
             T::with_tile_scratch(n * f, |da| {
-                matmul(n, f, d, da, f, &grad[lo * d..hi * d], ROW_MAJOR(d), w2e, ROW_MAJOR(f));
+                matmul(n, f, d, da, f, &grad[lo * d..hi * d], Strides::row_major(d), w2e, Strides::row_major(f));
                 with_best_isa(|| {
                     let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
                     for ((hr, dar), (ar, dhr)) in rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1))) {
@@ -475,7 +469,7 @@ pub fn expert_mlp_backward<T: MlpReal>(
                     }
                 });
             });
-            matmul(n, d, h1, dx, d, dh, ROW_MAJOR(h1), w1e, ROW_MAJOR(d));
+            matmul(n, d, h1, dx, d, dh, Strides::row_major(h1), w1e, Strides::row_major(d));
         });
     }
 
@@ -483,7 +477,7 @@ pub fn expert_mlp_backward<T: MlpReal>(
     // dW1_e = dh_e^T xs_e and dW2_e = grad_e^T a_e (a sum over the expert's rows, in row order).
     // Blocks of equal output size (dW1 rows hold d entries, dW2 rows F), about three per thread,
     // so the tasks balance; each still spans at least 16 rows.
-    let target = (2 * h1 * d * s.e).div_ceil(3 * crate::threads::resolve_threads(threads)).max(1);
+    let target = (2 * h1 * d * s.e).div_ceil(3 * threads).max(1);
     let rows = |width: usize, limit: usize| target.div_ceil(width.max(1)).max(16).min(limit).max(1);
     let (block1, block2) = (rows(d, h1), rows(f, d));
     let mut tasks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
@@ -496,10 +490,7 @@ pub fn expert_mlp_backward<T: MlpReal>(
         }
     }
     let (a_ref, dh_ref) = (&*a_all, &*dh_all);
-    let n_tasks = tasks.len();
-    let tasks = TaskParts::new(tasks);
-    for_each_task(threads, n_tasks, &|i| {
-        let (e, is_w1, i0, out) = tasks.take(i);
+    for_each_part(threads, tasks, |_, (e, is_w1, i0, out)| {
         let (lo, hi) = ranges[e];
         let n = hi - lo;
         if n == 0 {
@@ -508,10 +499,10 @@ pub fn expert_mlp_backward<T: MlpReal>(
         }
         if is_w1 {
             let m = out.len() / d;
-            matmul(m, d, n, out, d, &dh_ref[lo * h1 + i0..hi * h1], TRANSPOSED(h1), &xs[lo * d..hi * d], ROW_MAJOR(d));
+            matmul(m, d, n, out, d, &dh_ref[lo * h1 + i0..hi * h1], Strides::transposed(h1), &xs[lo * d..hi * d], Strides::row_major(d));
         } else {
             let m = out.len() / f;
-            matmul(m, f, n, out, f, &grad[lo * d + i0..hi * d], TRANSPOSED(d), &a_ref[lo * f..hi * f], ROW_MAJOR(f));
+            matmul(m, f, n, out, f, &grad[lo * d + i0..hi * d], Strides::transposed(d), &a_ref[lo * f..hi * f], Strides::row_major(f));
         }
     });
     T::give_back(scratch);
@@ -521,6 +512,7 @@ pub fn expert_mlp_backward<T: MlpReal>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::threads::with_team;
 
     /// Plain triple loops in f64: the reference the kernels are checked against.
     fn reference(s: &MlpShape, xs: &[f64], w1: &[f64], w2: &[f64], offsets: &[i64], grad: &[f64]) -> [Vec<f64>; 4] {
@@ -579,9 +571,9 @@ mod tests {
         let want = reference(&s, &xs, &w1, &w2, &offsets, &grad);
         let mut h = vec![0.0; r * s.h1()];
         let mut out = vec![0.0; r * d];
-        expert_mlp_forward(&s, 3, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap();
+        with_team(3, usize::MAX, || expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out)).unwrap();
         let (mut dxs, mut dw1, mut dw2) = (vec![0.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
-        expert_mlp_backward(&s, 3, &grad, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap();
+        with_team(3, usize::MAX, || expert_mlp_backward(&s, &grad, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2)).unwrap();
         for (name, got, want) in [("out", &out, &want[0]), ("dxs", &dxs, &want[1]), ("dw1", &dw1, &want[2]), ("dw2", &dw2, &want[3])] {
             for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
                 assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "{name}[{i}]: {g} vs {w} ({act:?}, {counts:?})");
@@ -624,7 +616,7 @@ mod tests {
         let (xs, w1, w2) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
         let (mut h, mut out) = (vec![0.0f32; 2], vec![0.0f32; 2]);
         for offsets in [vec![0i64, 2], vec![0, 3, 2], vec![1, 1, 2], vec![0, 1, 3]] {
-            assert!(expert_mlp_forward(&s, 1, &xs, &w1, &w2, &offsets, &mut h, &mut out).is_err(), "{offsets:?}");
+            assert!(expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).is_err(), "{offsets:?}");
         }
         assert!(Activation::parse("relu").is_err());
     }

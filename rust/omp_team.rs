@@ -28,11 +28,6 @@ pub unsafe fn set_gomp_parallel(addr: usize) {
     GOMP_PARALLEL.store(addr, Ordering::Release);
 }
 
-/// Whether tasks run on an OpenMP team.
-pub fn uses_openmp() -> bool {
-    GOMP_PARALLEL.load(Ordering::Acquire) != 0
-}
-
 struct Shared<'a> {
     next: AtomicUsize,
     n: usize,
@@ -88,42 +83,35 @@ pub fn for_each_task(threads: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
 
 /// Per-task mutable parts handed out once each: a task takes its own part by index, so tasks
 /// share `&TaskParts` while each still gets exclusive (`&mut`) access to its own buffers.
-pub struct TaskParts<P>(Vec<std::sync::Mutex<Option<P>>>);
+struct TaskParts<P>(Vec<std::sync::Mutex<Option<P>>>);
 
 impl<P> TaskParts<P> {
-    /// Wraps one part per task.
-    pub fn new(parts: impl IntoIterator<Item = P>) -> Self {
+    fn new(parts: impl IntoIterator<Item = P>) -> Self {
         Self(parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect())
     }
 
-    /// Number of parts.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether there are no parts.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Takes part `i`; each part can be taken once.
-    pub fn take(&self, i: usize) -> P {
+    fn take(&self, i: usize) -> P {
         self.0[i].lock().unwrap_or_else(|e| e.into_inner()).take().expect("each task part is taken once")
     }
 }
 
-/// Runs `f(i, part)` for each of `parts` on up to `threads` threads (see [`for_each_task`]);
-/// returns the first error any task reported.
+/// Runs `f(i, part)` for each of `parts` on up to `threads` threads (see [`for_each_task`]).
+pub fn for_each_part<P: Send>(threads: usize, parts: Vec<P>, f: impl Fn(usize, P) + Sync) {
+    let n = parts.len();
+    let parts = TaskParts::new(parts);
+    for_each_task(threads, n, &|i| f(i, parts.take(i)));
+}
+
+/// Like [`for_each_part`] for fallible tasks: returns the first error any task reported.
 pub fn try_for_each_part<P: Send, E: Send>(
     threads: usize,
     parts: Vec<P>,
     f: impl Fn(usize, P) -> Result<(), E> + Sync,
 ) -> Result<(), E> {
-    let n = parts.len();
-    let parts = TaskParts::new(parts);
     let first_err = std::sync::Mutex::new(None);
-    for_each_task(threads, n, &|i| {
-        if let Err(e) = f(i, parts.take(i)) {
+    for_each_part(threads, parts, |i, part| {
+        if let Err(e) = f(i, part) {
             first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
         }
     });

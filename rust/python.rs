@@ -207,6 +207,11 @@ fn mlp_shape(xs: &[usize], w2: &[usize], activation: &str) -> PyResult<MlpShape>
     Ok(MlpShape { r: xs[0], d: xs[1], e: w2[0], f: w2[2], act: Activation::parse(activation)? })
 }
 
+/// Multiply-adds of an expert-MLP forward, for sizing the team.
+fn mlp_work(s: &MlpShape) -> usize {
+    s.r.saturating_mul(s.d).saturating_mul(s.f).saturating_mul(3)
+}
+
 macro_rules! mlp_kernels {
     ($t:ty, $fwd:ident, $bwd:ident) => {
         /// Expert MLP forward into `h [R, H1]` and `out [R, d]`.
@@ -226,7 +231,7 @@ macro_rules! mlp_kernels {
             let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
             let (x, a, b, off) = (slice!(xs, "xs"), slice!(w1, "w1"), slice!(w2, "w2"), slice!(offsets, "offsets"));
             let (hv, o) = (slice_mut!(h, "h"), slice_mut!(out, "out"));
-            Ok(py.detach(|| expert_mlp::expert_mlp_forward(&s, threads, x, a, b, off, hv, o))?)
+            Ok(run_team(py, threads, mlp_work(&s), || expert_mlp::expert_mlp_forward(&s, x, a, b, off, hv, o))?)
         }
 
         /// Expert MLP backward into `dxs [R, d]`, `dw1 [E, H1, d]` and `dw2 [E, d, F]`.
@@ -250,7 +255,7 @@ macro_rules! mlp_kernels {
             let (g, x, hv) = (slice!(grad, "grad"), slice!(xs, "xs"), slice!(h, "h"));
             let (a, b, off) = (slice!(w1, "w1"), slice!(w2, "w2"), slice!(offsets, "offsets"));
             let (dx, da, db) = (slice_mut!(dxs, "dxs"), slice_mut!(dw1, "dw1"), slice_mut!(dw2, "dw2"));
-            Ok(py.detach(|| expert_mlp::expert_mlp_backward(&s, threads, g, x, hv, a, b, off, dx, da, db))?)
+            Ok(run_team(py, threads, 2 * mlp_work(&s), || expert_mlp::expert_mlp_backward(&s, g, x, hv, a, b, off, dx, da, db))?)
         }
     };
 }
