@@ -24,10 +24,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without a built 
     _native_module = None  # type: ignore[assignment]
     _IMPORT_ERROR = exc
 
+
 def _openmp_entry() -> int:
     """Address of ``GOMP_parallel`` in the OpenMP runtime torch loaded, or 0.
 
-    The expert kernels run their tasks on torch's own OpenMP threads through it, instead of
+    The routing, dispatch and expert kernels run their tasks on torch's own OpenMP threads through
+    it, instead of
     bringing extra threads that would compete with torch's spinning workers (see
     ``rust/omp_team.rs``). Linux only (found through /proc/self/maps); ``MOERUST_OPENMP=0``
     turns it off.
@@ -48,7 +50,7 @@ def _openmp_entry() -> int:
     return 0
 
 
-if _native_module is not None and hasattr(_native_module, "use_openmp_team"):
+if _native_module is not None:
     _native_module.use_openmp_team(_openmp_entry())
 
 BACKENDS = ("rust", "torch")
@@ -132,6 +134,11 @@ def rust_handles(*tensors: torch.Tensor) -> bool:
         return False
     float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     return len(float_dtypes) <= 1 and float_dtypes <= set(RUST_DTYPES)
+
+
+def numpy_view(t: torch.Tensor) -> Any:
+    """A contiguous numpy view of a CPU tensor's data (a copy only when it is not contiguous)."""
+    return t.detach().contiguous().numpy()
 
 
 def num_threads() -> int:

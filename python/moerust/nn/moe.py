@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.experts import activate, hidden_rows
 from .losses import GlobalBatchBalance, entropy_loss, expert_counts, switch_loss, uniform_mse_loss, z_loss
 from .router import Router, RouterOutput
 from .stats import RouterStats, RoutingStats
@@ -106,21 +107,14 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str = "swiglu") -> None:
         super().__init__()
         self.activation = activation
-        h1 = 2 * hidden if activation == "swiglu" else hidden
-        self.w1 = nn.Parameter(torch.empty(h1, dim))
+        self.w1 = nn.Parameter(torch.empty(hidden_rows(activation, hidden), dim))
         self.w2 = nn.Parameter(torch.empty(dim, hidden))
         _init_linear_(self.w1, dim)
         _init_linear_(self.w2, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., d] -> [..., d]``."""
-        h = F.linear(x, self.w1)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
-        else:
-            a = F.gelu(h)
-        return F.linear(a, self.w2)
+        return F.linear(activate(F.linear(x, self.w1), self.activation), self.w2)
 
 
 class GroupedExperts(nn.Module):
@@ -129,8 +123,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu") -> None:
         super().__init__()
         self.activation = activation
-        h1 = 2 * hidden if activation == "swiglu" else hidden
-        self.w1 = nn.Parameter(torch.empty(num_experts, h1, dim))
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_rows(activation, hidden), dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         _init_linear_(self.w1, dim)
         _init_linear_(self.w2, hidden)

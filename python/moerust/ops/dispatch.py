@@ -16,6 +16,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .. import _backend
+from .._backend import numpy_view as _np
 from . import _checks
 
 
@@ -159,9 +160,6 @@ def _combine_backward_torch(
 
 # --- the custom ops: Rust or torch inside, one op to autograd and torch.compile --------------------
 
-
-def _np(t: torch.Tensor) -> Any:
-    return t.detach().contiguous().numpy()
 
 
 @torch.library.custom_op("moerust::gather", mutates_args=())

@@ -18,16 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from .._backend import numpy_view as _np
 from . import _checks
 
 ACTIVATIONS = ("swiglu", "gelu")
 
 
-def _np(t: torch.Tensor) -> Any:
-    return t.detach().contiguous().numpy()
+
+def hidden_rows(activation: str, hidden: int) -> int:
+    """Rows of the first-layer weight (``H1``) of an MLP of hidden width ``hidden``."""
+    return 2 * hidden if activation == "swiglu" else hidden
 
 
-def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP activation of pre-activations ``h [..., H1]``: ``silu(gate) * up`` or ``gelu(h)``."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -59,7 +63,7 @@ def _forward_torch(
     out = xs.new_empty(xs.shape[0], w2.shape[1])
     for e, lo, hi in _bounds(offsets):
         torch.mm(xs[lo:hi], w1[e].t(), out=h[lo:hi])
-        torch.mm(_act(h[lo:hi], activation), w2[e].t(), out=out[lo:hi])
+        torch.mm(activate(h[lo:hi], activation), w2[e].t(), out=out[lo:hi])
     return out, h
 
 
@@ -167,7 +171,7 @@ def expert_mlp(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     num_experts, d, hidden = w2.shape
-    h1 = 2 * hidden if activation == "swiglu" else hidden
+    h1 = hidden_rows(activation, hidden)
     if tuple(w1.shape) != (num_experts, h1, d):
         raise ValueError(f"w1 must have shape {(num_experts, h1, d)} for w2 of shape {tuple(w2.shape)} and {activation}, got {tuple(w1.shape)}")
     if xs.shape[1] != d:
