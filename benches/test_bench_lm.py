@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import moerust
 from moerust import ops
 from moerust.models import LM, attend, windowed_attend
+from moerust.models.attention import default_block
 from moerust.nn import MoE
 from moerust.nn.moe import MoEAux
 from moerust.ops.experts import activate
@@ -93,7 +94,7 @@ def test_window_attention(benchmark, variant):
 
     def run():
         if variant == "windowed":
-            out = windowed_attend(q, k, v, WW, 64)
+            out = windowed_attend(q, k, v, WW, default_block(WW))  # the LM's default tile (128)
         else:
             out = attend(q, k, v, mask)
         torch.autograd.grad(out, (q, k, v), g)

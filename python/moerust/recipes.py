@@ -57,7 +57,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     # 1e-2), bidirectional LARS, warmup then cosine.
     "rustgpt": {
         "model": {"dim": 128, "n_layers": 3, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 256, "norm": "rmsnorm",
-                  "activation": "swiglu", "position": "cope", "window": 64, "attn_block": 32, "moh_shared": 2, "moh_k": 4,
+                  "activation": "swiglu", "position": "cope", "window": 64, "moh_shared": 2, "moh_k": 4,
                   "moe_layers": "all", "moe": {"num_experts": 8, "routing": "topp", "p": 0.4, "max_k": 4, "hidden": 128,
                                                "entropy_weight": 1e-4, "balance_weight": 1e-2}},
         "data": {"max_bytes": 4_000_000, "seq_len": 256, "batch_size": 8},

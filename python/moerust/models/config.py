@@ -46,7 +46,8 @@ class LMConfig:
         cope_max: CoPE's number of learned integer positions.
         window: sliding-window size (keys seen per query, own included) or None for full
             attention; ``window_layers`` says which layers use it (GPT-Neo alternates).
-        attn_block: tile size of the windowed attention (it skips tiles outside the window).
+        attn_block: tile size of the windowed attention (it skips tiles outside the window);
+            None picks half the window rounded up to a power of two, between 16 and 128.
         moh_shared, moh_k: mixture-of-head attention (MoH) when ``moh_k > 0``: ``moh_shared``
             heads always on and the top ``moh_k`` of the remaining heads picked per token by a
             trained router, with its own Switch balance loss weighted by ``moh_balance_weight``.
@@ -71,7 +72,7 @@ class LMConfig:
     cope_max: int = 64
     window: Optional[int] = None
     window_layers: LayerChoice = "all"
-    attn_block: int = 64
+    attn_block: Optional[int] = None
     moh_shared: int = 0
     moh_k: int = 0
     moh_balance_weight: float = 0.01
@@ -82,7 +83,9 @@ class LMConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "attn_block", "cope_max"):
+        if self.attn_block is not None and int(self.attn_block) < 1:
+            raise ValueError(f"attn_block must be >= 1 or None, got {self.attn_block}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "cope_max"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
