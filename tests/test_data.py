@@ -128,3 +128,20 @@ def test_prepare_builds_both_splits_from_the_builtin_corpus():
     )
     with pytest.raises(ValueError, match="val_fraction"):
         DataConfig(val_fraction=1.0)
+
+
+def test_pretrained_tokenizer_from_a_local_path(tmp_path):
+    """A transformers tokenizer saved locally (no network) loads by path and round-trips."""
+    from transformers import PreTrainedTokenizerFast
+
+    from moerust.data import PretrainedTokenizer
+
+    bpe = train_bpe(["def main():\n    print('hello')\n"] * 50, 300)
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe.tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(str(tmp_path))
+    tok = PretrainedTokenizer(str(tmp_path))
+    text = "def main():\n    print('héllo')\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids.tolist()) == text and tok.eos_id == bpe.eos_id
+    assert int(tok.token_bytes()[torch.from_numpy(ids)].sum()) == len(text.encode("utf-8"))
+    assert load_tokenizer(tok.spec()).encode(text).tolist() == ids.tolist()
