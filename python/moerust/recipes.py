@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -186,7 +187,7 @@ def unigram_bpb(data: Data) -> Dict[str, float]:
     targets = data.val.tokens[1:]
     nats = float(-logp[targets].sum())
     nbytes = int(data.tokenizer.token_bytes()[targets].sum())
-    return {"val_loss": nats / targets.numel(), "val_bpb": nats / torch.log(torch.tensor(2.0)).item() / max(nbytes, 1)}
+    return {"val_loss": nats / targets.numel(), "val_bpb": nats / math.log(2) / max(nbytes, 1)}
 
 
 def compare_variants(spec: RunSpec) -> Dict[str, Dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..ops import _checks
 from .corpus import Document, load_corpus
 from .tokenizers import ByteTokenizer, PretrainedTokenizer, Tokenizer, train_bpe
 
@@ -50,9 +51,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("seq_len", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _checks.fields_at_least(self, ("seq_len", "batch_size"), 1)
 
 
 def split_documents(docs: List[Document], val_fraction: float, seed: int) -> Tuple[List[Document], List[Document]]:

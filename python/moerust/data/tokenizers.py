@@ -21,6 +21,7 @@ class Tokenizer:
 
     vocab_size: int
     eos_id: int
+    _token_bytes: Optional[torch.Tensor] = None
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids (int64) of ``text``."""
@@ -31,7 +32,13 @@ class Tokenizer:
         raise NotImplementedError
 
     def token_bytes(self) -> torch.Tensor:
-        """``[vocab_size]`` UTF-8 byte length of each token (0 for special tokens)."""
+        """``[vocab_size]`` UTF-8 byte length of each token (0 for special tokens); computed once
+        (a pass over the vocabulary) and kept, since every evaluation needs it."""
+        if self._token_bytes is None:
+            self._token_bytes = self._count_token_bytes()
+        return self._token_bytes
+
+    def _count_token_bytes(self) -> torch.Tensor:
         raise NotImplementedError
 
     def spec(self) -> Dict[str, object]:
@@ -51,7 +58,7 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
-    def token_bytes(self) -> torch.Tensor:
+    def _count_token_bytes(self) -> torch.Tensor:
         out = torch.ones(self.vocab_size, dtype=torch.int64)
         out[self.eos_id] = 0
         return out
@@ -78,7 +85,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids])  # type: ignore[attr-defined]
 
-    def token_bytes(self) -> torch.Tensor:
+    def _count_token_bytes(self) -> torch.Tensor:
         pieces = [self.tok.id_to_token(i) for i in range(self.vocab_size)]  # type: ignore[attr-defined]
         return _byte_lengths(pieces, {self.eos_id}, lambda i: self.tok.decode([i]))  # type: ignore[attr-defined]
 
@@ -157,7 +164,7 @@ class PretrainedTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids])
 
-    def token_bytes(self) -> torch.Tensor:
+    def _count_token_bytes(self) -> torch.Tensor:
         pieces = self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))
         return _byte_lengths(pieces, set(self.tok.all_special_ids), lambda i: self.tok.decode([i]))
 

@@ -6,13 +6,14 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..nn.moe import MoEConfig
+from ..ops import _checks
+from ..ops.experts import ACTIVATIONS
 from ..nn.router import layerwise_thresholds
 
 LayerChoice = Union[str, Sequence[int]]
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "cope")
-ACTIVATIONS = ("swiglu", "gelu")
 
 
 def pick_layers(choice: LayerChoice, n_layers: int, name: str) -> List[int]:
@@ -85,21 +86,15 @@ class LMConfig:
     def __post_init__(self) -> None:
         if self.attn_block is not None and int(self.attn_block) < 1:
             raise ValueError(f"attn_block must be >= 1 or None, got {self.attn_block}")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "cope_max"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _checks.fields_at_least(self, ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "cope_max"), 1)
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         kv = self.kv_heads
         if not 1 <= kv <= self.n_heads or self.n_heads % kv:
             raise ValueError(f"n_kv_heads must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
-        for name, value, allowed in (
-            ("activation", self.activation, ACTIVATIONS),
-            ("norm", self.norm, NORMS),
-            ("position", self.position, POSITIONS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        _checks.one_of(self.activation, "activation", ACTIVATIONS)
+        _checks.one_of(self.norm, "norm", NORMS)
+        _checks.one_of(self.position, "position", POSITIONS)
         if self.window is not None and int(self.window) < 1:
             raise ValueError(f"window must be >= 1 or None, got {self.window}")
         if self.moh_k:

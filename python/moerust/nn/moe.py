@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import _checks
 from ..ops.experts import activate, hidden_rows
 from .losses import GlobalBatchBalance, entropy_loss, expert_counts, switch_loss, uniform_mse_loss, z_loss
 from .router import Router, RouterOutput
@@ -65,14 +66,12 @@ class MoEConfig:
     def __post_init__(self) -> None:
         if self.dim < 1 or self.hidden < 1:
             raise ValueError(f"dim and hidden must be >= 1, got dim={self.dim}, hidden={self.hidden}")
-        if self.activation not in ops.experts.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ops.experts.ACTIVATIONS}, got {self.activation!r}")
+        _checks.one_of(self.activation, "activation", ops.experts.ACTIVATIONS)
         if self.capacity_factor is not None and not self.capacity_factor >= 0:
             raise ValueError(f"capacity_factor must be >= 0 or None (dropless), got {self.capacity_factor}")
         if self.shared_experts < 0:
             raise ValueError(f"shared_experts must be >= 0, got {self.shared_experts}")
-        if self.balance not in BALANCES:
-            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+        _checks.one_of(self.balance, "balance", BALANCES)
         for name in ("balance_weight", "z_weight", "entropy_weight", "uniform_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

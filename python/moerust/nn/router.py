@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import _checks
 
 ROUTINGS = ("softmax_topk", "topk_softmax", "topp")
 
@@ -84,8 +85,7 @@ class Router(nn.Module):
         bias_rate: float = 1e-3,
     ) -> None:
         super().__init__()
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        _checks.one_of(routing, "routing", ROUTINGS)
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if dim < 1:

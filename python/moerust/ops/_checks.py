@@ -7,7 +7,7 @@ starts with the argument's name.
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -53,3 +53,17 @@ def same_device(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) ->
     """Checks that two tensors live on the same device."""
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def one_of(value: object, name: str, allowed: Sequence[object]) -> None:
+    """Checks that an option ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def fields_at_least(config: object, names: Sequence[str], lo: int) -> None:
+    """Checks that the integer fields ``names`` of a config object are all >= ``lo``."""
+    for name in names:
+        value = getattr(config, name)
+        if int(value) < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {value}")

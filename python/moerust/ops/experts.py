@@ -168,8 +168,7 @@ def expert_mlp(
     w1 = _checks.tensor(w1, "w1", ndim=3)
     w2 = _checks.tensor(w2, "w2", ndim=3)
     offsets = _checks.tensor(offsets, "offsets", ndim=1, kind="index")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _checks.one_of(activation, "activation", ACTIVATIONS)
     num_experts, d, hidden = w2.shape
     h1 = hidden_rows(activation, hidden)
     if tuple(w1.shape) != (num_experts, h1, d):

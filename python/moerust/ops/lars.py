@@ -89,8 +89,7 @@ def lars_(
         float64 tensor with one ratio per parameter, in order; 1.0 for parameters left alone
         (no gradient, or ndim <= 1 without ``include_1d``).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _checks.one_of(mode, "mode", MODES)
     if per not in ("tensor", "group"):
         raise ValueError(f"per must be 'tensor' or 'group', got {per!r}")
     eta = _checks.real(eta, "eta", lo=0.0)

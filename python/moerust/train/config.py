@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict
 
+from ..ops import _checks
+
 OPTIMIZERS = ("adamw", "muon", "sgd")
 SCHEDULES = ("cosine", "constant", "restarts")
 GRAD_SCALING = ("none", "lars", "bidirectional")
@@ -58,19 +60,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("optimizer", self.optimizer, OPTIMIZERS),
-            ("schedule", self.schedule, SCHEDULES),
-            ("grad_scaling", self.grad_scaling, GRAD_SCALING),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        for name in ("steps", "grad_accum", "eval_every", "log_every", "restart_period", "eval_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "checkpoint_every"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _checks.one_of(self.optimizer, "optimizer", OPTIMIZERS)
+        _checks.one_of(self.schedule, "schedule", SCHEDULES)
+        _checks.one_of(self.grad_scaling, "grad_scaling", GRAD_SCALING)
+        _checks.fields_at_least(self, ("steps", "grad_accum", "eval_every", "log_every", "restart_period", "eval_tokens"), 1)
+        _checks.fields_at_least(self, ("warmup", "checkpoint_every"), 0)
         if not self.lr > 0 or not self.muon_lr > 0:
             raise ValueError(f"lr and muon_lr must be > 0, got {self.lr}, {self.muon_lr}")
         self.betas = tuple(self.betas)

@@ -8,6 +8,7 @@ every ``eval_every`` steps, validate (loss per token and bits per byte); checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -61,8 +62,6 @@ def grad_norms(model: nn.Module) -> Dict[str, float]:
 
 def run_config(model_cfg: LMConfig, data_cfg: DataConfig, train_cfg: TrainConfig, tokenizer_spec: Dict[str, object]) -> Dict[str, Any]:
     """The JSON config stored with checkpoints and reports."""
-    import dataclasses
-
     return {"model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg), "train": train_cfg.to_dict(), "tokenizer": tokenizer_spec}
 
 
@@ -142,7 +141,8 @@ def train(
             raise FloatingPointError(f"training loss is {task} at step {step}; lower lr or check the data")
         if cfg.grad_scaling != "none":
             ops.lars_(model.named_parameters(), mode=cfg.grad_scaling, eta=cfg.lars_eta, target=cfg.bidir_target)
-        norms = grad_norms(model) if (step + 1) % cfg.log_every == 0 else {}
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == stop
+        norms = grad_norms(model) if log_now else {}
         total_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf")))
         opt.step()
         after_optimizer_step(model)
@@ -152,7 +152,7 @@ def train(
         tok_window += n_tok
         elapsed += time.perf_counter() - t0
         bar.update(1)
-        if step % cfg.log_every == 0 or step == stop:
+        if log_now:
             now = time.perf_counter()
             row: Dict[str, Any] = {
                 "step": step, "loss": task, "aux_loss": aux_total, "lr_scale": lr_scale, "grad_norm": total_norm,

@@ -96,33 +96,53 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def plot_run(run_dir: Path, title: str = "") -> List[str]:
-    """Loss curves, expert usage per MoE layer over time (heatmaps) and the experts-per-token
-    histogram of top-p layers, as PNGs in ``run_dir``. Returns the files written ([] without
-    matplotlib)."""
+def _pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, path: Path, ax=None, xlabel: str = "", ylabel: str = "") -> None:  # type: ignore[no-untyped-def]
+    """Labels ``ax`` (when given) with a legend, then writes ``fig`` to ``path`` and closes it."""
+    if ax is not None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _loss_lines(ax, rows: List[Dict[str, Any]], train_label: str, val_label: str, alpha: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+    """Training loss as a line and validation loss as points of the same colour."""
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    line = ax.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=alpha, label=train_label)[0]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=line.get_color(), label=val_label)
+
+
+def plot_run(run_dir: Path, title: str = "") -> List[str]:
+    """Loss curves, expert usage per MoE layer over time (heatmaps) and the experts-per-token
+    histogram of top-p layers, as PNGs in ``run_dir``. Returns the files written ([] without
+    matplotlib)."""
+    plt = _pyplot()
+    if plt is None:
         return []
     rows = read_metrics(run_dir)
     written = []
     train = [r for r in rows if "loss" in r]
-    val = [r for r in rows if "val_loss" in r]
     if train:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-        if val:
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
+        _loss_lines(ax, rows, "train", "validation")
         ax.set_title(title or run_dir.name)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(run_dir / "loss.png", dpi=100)
-        plt.close(fig)
+        _save(plt, fig, run_dir / "loss.png", ax, "step", "loss (nats/token)")
         written.append("loss.png")
     layers = sorted({k for r in train for k in r.get("moe", {})}, key=int)
     if layers:
@@ -134,9 +154,7 @@ def plot_run(run_dir: Path, title: str = "") -> List[str]:
             ax.set_ylabel(f"layer {layer}\nexpert")
             fig.colorbar(im, ax=ax, label="usage")
         axes[-1, 0].set_xlabel("step")
-        fig.tight_layout()
-        fig.savefig(run_dir / "expert_usage.png", dpi=100)
-        plt.close(fig)
+        _save(plt, fig, run_dir / "expert_usage.png")
         written.append("expert_usage.png")
     report_path = run_dir / "report.json"
     if report_path.exists():
@@ -148,38 +166,20 @@ def plot_run(run_dir: Path, title: str = "") -> List[str]:
             for j, (layer, h) in enumerate(sorted(hists.items(), key=lambda kv: int(kv[0]))):
                 tot = max(sum(h), 1)
                 ax.bar([k + j * width for k in range(len(h))], [c / tot for c in h], width=width, label=f"layer {layer}")
-            ax.set_xlabel("experts per token")
-            ax.set_ylabel("share of tokens")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(run_dir / "experts_per_token.png", dpi=100)
-            plt.close(fig)
+            _save(plt, fig, run_dir / "experts_per_token.png", ax, "experts per token", "share of tokens")
             written.append("experts_per_token.png")
     return written
 
 
 def plot_compare(out_dir: Path, runs: Sequence[str]) -> Optional[str]:
     """Validation and training loss of several runs on one plot (``compare_loss.png``)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in runs:
-        rows = read_metrics(out_dir / name)
-        train = [r for r in rows if "loss" in r]
-        val = [r for r in rows if "val_loss" in r]
-        line = ax.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.5, label=f"{name} train")[0]
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=line.get_color(), label=f"{name} val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "compare_loss.png", dpi=100)
-    plt.close(fig)
+        _loss_lines(ax, read_metrics(out_dir / name), f"{name} train", f"{name} val", alpha=0.5)
+    _save(plt, fig, out_dir / "compare_loss.png", ax, "step", "loss (nats/token)")
     return "compare_loss.png"
 
 
