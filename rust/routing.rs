@@ -4,6 +4,7 @@
 //! Order used everywhere: larger value first, ties broken by the lower expert index.
 
 use crate::error::{check_len, value_err, KResult};
+use crate::isa::with_best_isa;
 use crate::omp_team::try_for_each_part;
 use crate::real::Real;
 use crate::threads::{rows_per_task, team_size};
@@ -26,48 +27,73 @@ pub fn topk_route<F: RankKey>(probs: &[F], t: usize, e: usize, k: usize, out: &m
     let rows = rows_per_task(t, e, 1 << 14);
     let parts: Vec<_> = out.chunks_mut(rows * k).zip(probs.chunks(rows * e)).collect();
     try_for_each_part(team_size(), parts, |chunk, (out, probs)| {
-            // The best k keys so far, in descending order; most candidates lose to the last one.
-            let mut best: Vec<F::Key> = vec![F::MIN_KEY; k];
-            for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)).enumerate() {
-                let mut len = 0usize;
-                best.fill(F::MIN_KEY);
-                for (j, &v) in row.iter().enumerate() {
-                    if v.is_nan() {
-                        return nan_error(chunk * rows + r);
-                    }
-                    let mut key = F::key(v, j);
-                    if k <= BRANCHLESS_K {
-                        // Compare-exchange down the buffer: no data-dependent branches, so random
-                        // rows cost no mispredictions. Unfilled places hold the minimum key.
-                        for b in best.iter_mut() {
-                            let hi = (*b).max(key);
-                            key = (*b).min(key);
-                            *b = hi;
-                        }
-                        len = (len + 1).min(k);
-                        continue;
-                    }
-                    if len == k {
-                        if key <= best[k - 1] {
-                            continue;
-                        }
-                    } else {
-                        len += 1;
-                    }
-                    // Shift smaller keys down one place (dropping the last when full), then insert.
-                    let mut pos = len - 1;
-                    while pos > 0 && best[pos - 1] < key {
-                        best[pos] = best[pos - 1];
-                        pos -= 1;
-                    }
-                    best[pos] = key;
-                }
-                for (d, &key) in dst.iter_mut().zip(&best[..len]) {
-                    *d = F::index(key) as i64;
-                }
+        let first = chunk * rows;
+        // Small k (the common case) gets a fixed-size buffer the compiler fully unrolls.
+        match k {
+            1 => topk_rows_fixed::<F, 1>(probs, e, out, first),
+            2 => topk_rows_fixed::<F, 2>(probs, e, out, first),
+            3 => topk_rows_fixed::<F, 3>(probs, e, out, first),
+            4 => topk_rows_fixed::<F, 4>(probs, e, out, first),
+            _ => topk_rows_insert(probs, e, k, out, first),
+        }
+    })
+}
+
+/// Top-`K` of each row with a branch-free compare-exchange down a `K`-key buffer: no
+/// data-dependent branches, so random rows cost no mispredictions. `K <= e`, so every place fills.
+fn topk_rows_fixed<F: RankKey, const K: usize>(probs: &[F], e: usize, out: &mut [i64], first_row: usize) -> KResult<()> {
+    for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(K)).enumerate() {
+        let mut best = [F::MIN_KEY; K];
+        let mut nan = false;
+        for (j, &v) in row.iter().enumerate() {
+            nan |= v.is_nan();
+            let mut key = F::key(v, j);
+            for b in best.iter_mut() {
+                let hi = (*b).max(key);
+                key = (*b).min(key);
+                *b = hi;
             }
-            Ok(())
-        })
+        }
+        if nan {
+            return nan_error(first_row + r);
+        }
+        for (d, &key) in dst.iter_mut().zip(&best) {
+            *d = F::index(key) as i64;
+        }
+    }
+    Ok(())
+}
+
+/// Top-`k` of each row by insertion into a sorted buffer; most candidates lose to its last key.
+fn topk_rows_insert<F: RankKey>(probs: &[F], e: usize, k: usize, out: &mut [i64], first_row: usize) -> KResult<()> {
+    let mut best: Vec<F::Key> = vec![F::MIN_KEY; k];
+    for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)).enumerate() {
+        let mut len = 0usize;
+        for (j, &v) in row.iter().enumerate() {
+            if v.is_nan() {
+                return nan_error(first_row + r);
+            }
+            let key = F::key(v, j);
+            if len == k {
+                if key <= best[k - 1] {
+                    continue;
+                }
+            } else {
+                len += 1;
+            }
+            // Shift smaller keys down one place (dropping the last when full), then insert.
+            let mut pos = len - 1;
+            while pos > 0 && best[pos - 1] < key {
+                best[pos] = best[pos - 1];
+                pos -= 1;
+            }
+            best[pos] = key;
+        }
+        for (d, &key) in dst.iter_mut().zip(&best[..len]) {
+            *d = F::index(key) as i64;
+        }
+    }
+    Ok(())
 }
 
 /// A sort key that orders (value, index) pairs: a larger key ranks first (larger value, then
@@ -115,31 +141,34 @@ impl RankKey for f64 {
     }
 }
 
-/// Experts picked by linear max scans before a heap is built (top-p rows usually keep few).
-const LINEAR_STEPS: usize = 4;
+/// Experts picked by vectorised max scans before the rest of the row is sorted instead (top-p
+/// rows usually keep few experts; a flat row that keeps many is cheaper to sort).
+const LINEAR_STEPS: usize = 20;
 
-/// Largest k served by the branch-free compare-exchange buffer.
-const BRANCHLESS_K: usize = 4;
+/// Lanes of the max scan over keys: one AVX-512 vector of u64 (or two AVX2 ones).
+const LANES: usize = 8;
 
-/// Heap pops before the rest of a row is sorted instead.
-const HEAP_POPS: usize = 16;
-
-/// Restores the max-heap property below `i` in `heap`.
-#[inline]
-fn sift_down<K: Ord + Copy>(heap: &mut [K], mut i: usize) {
-    let n = heap.len();
-    loop {
-        let l = 2 * i + 1;
-        if l >= n {
-            return;
+/// The largest key of `keys`: independent lanes, then a tree reduction, so the compares pipeline
+/// and vectorise (AVX-512 has an unsigned 64-bit max).
+#[inline(always)]
+fn max_key<K: Ord + Copy>(keys: &[K], floor: K) -> K {
+    let mut lanes = [floor; LANES];
+    let chunks = keys.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let c: &[K; LANES] = c.try_into().expect("chunks_exact yields LANES elements");
+        for i in 0..LANES {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
         }
-        let c = if l + 1 < n && heap[l + 1] > heap[l] { l + 1 } else { l };
-        if heap[c] <= heap[i] {
-            return;
-        }
-        heap.swap(i, c);
-        i = c;
     }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] = if lanes[i + width] > lanes[i] { lanes[i + width] } else { lanes[i] };
+        }
+        width /= 2;
+    }
+    rest.iter().fold(lanes[0], |m, &x| if x > m { x } else { m })
 }
 
 /// Top-p selection. For each row of `probs[t, e]` (non-negative, no NaN), walk the experts in
@@ -147,8 +176,10 @@ fn sift_down<K: Ord + Copy>(heap: &mut [K], mut i: usize) {
 /// before it is <= p (as float32); then clamp the count to [min_k, max_k]. Writes the kept experts
 /// to `idx[t, max_k]` (unused slots -1) and their number to `counts[t]`.
 ///
-/// The first few experts come from linear scans, later ones from a heap, the rest of a flat row
-/// from a sort: O(E) per row when few experts are kept.
+/// The first experts come from max scans over the row's keys (a key holds the value and the
+/// index, so the lowest index wins ties and the index comes with the maximum; a taken key is set
+/// to the minimum); a row that keeps more than `LINEAR_STEPS` sorts its remaining keys. O(E) per
+/// row when few experts are kept.
 #[allow(clippy::too_many_arguments)]
 pub fn topp_route<F: RankKey>(
     probs: &[F],
@@ -180,63 +211,46 @@ pub fn topp_route<F: RankKey>(
     let rows = rows_per_task(t, e, 1 << 14);
     let parts: Vec<_> = idx.chunks_mut(rows * max_k).zip(counts.chunks_mut(rows)).zip(probs.chunks(rows * e)).collect();
     try_for_each_part(team_size(), parts, |chunk, ((idx, counts), probs)| {
-            let mut heap: Vec<F::Key> = Vec::with_capacity(e);
+        with_best_isa(|| {
+            let mut keys: Vec<F::Key> = Vec::with_capacity(e);
             for (r, ((row, dst), count)) in probs
                 .chunks_exact(e)
                 .zip(idx.chunks_exact_mut(max_k))
                 .zip(counts.iter_mut())
                 .enumerate()
             {
-                heap.clear();
-                for (j, &v) in row.iter().enumerate() {
-                    if v.is_nan() || v < F::ZERO {
-                        let row_no = chunk * rows + r;
-                        return if v.is_nan() {
-                            nan_error(row_no)
-                        } else {
-                            value_err(format!("probs must be non-negative, got {} (row {row_no})", v.to_f64()))
-                        };
-                    }
-                    heap.push(F::key(v, j));
+                // Keys and a branch-free validity check in one pass (NaN fails `>=` too).
+                keys.clear();
+                let mut bad = false;
+                keys.extend(row.iter().enumerate().map(|(j, &v)| {
+                    bad |= !(v >= F::ZERO);
+                    F::key(v, j)
+                }));
+                if bad {
+                    let row_no = chunk * rows + r;
+                    let v = row.iter().copied().find(|v| !(*v >= F::ZERO)).expect("a bad value");
+                    return if v.is_nan() {
+                        nan_error(row_no)
+                    } else {
+                        value_err(format!("probs must be non-negative, got {} (row {row_no})", v.to_f64()))
+                    };
                 }
                 let p = if p.len() == 1 { p[0] } else { p[chunk * rows + r] };
                 let mut acc = 0.0f32;
                 let mut kept = 0usize;
-                let mut len = e;
-                let mut stage = 0u8; // 0: linear max scans, 1: heap pops, 2: sorted tail
                 while kept < max_k && (kept < min_k || acc <= p) {
-                    if stage == 0 && kept == LINEAR_STEPS {
-                        // Taken keys were set to MIN_KEY in place; they sink to the bottom.
-                        for i in (0..e / 2).rev() {
-                            sift_down(&mut heap, i);
+                    let j = if kept < LINEAR_STEPS {
+                        let j = F::index(max_key(&keys, F::MIN_KEY));
+                        keys[j] = F::MIN_KEY;
+                        j
+                    } else {
+                        if kept == LINEAR_STEPS {
+                            // A flat row: sort the keys left once (ascending; pop from the end).
+                            keys.retain(|&k| k != F::MIN_KEY);
+                            keys.sort_unstable();
                         }
-                        stage = 1;
-                    }
-                    if stage == 1 && kept == HEAP_POPS {
-                        // Many experts kept (a flat row): sorting the rest beats more heap pops.
-                        heap[..len].sort_unstable();
-                        stage = 2;
-                    }
-                    let top = match stage {
-                        0 => {
-                            // A branch-free max over the keys; the key carries its own index.
-                            let top = heap.iter().copied().fold(F::MIN_KEY, |a, b| a.max(b));
-                            heap[F::index(top)] = F::MIN_KEY;
-                            top
-                        }
-                        1 => {
-                            let top = heap[0];
-                            len -= 1;
-                            heap.swap(0, len);
-                            sift_down(&mut heap[..len], 0);
-                            top
-                        }
-                        _ => {
-                            len -= 1;
-                            heap[len]
-                        }
+                        F::index(keys.pop().expect("a kept count below max_k <= E leaves keys"))
                     };
-                    let j = F::index(top);
                     dst[kept] = j as i64;
                     acc += row[j].to_f32();
                     kept += 1;
@@ -246,6 +260,7 @@ pub fn topp_route<F: RankKey>(
             }
             Ok(())
         })
+    })
 }
 
 #[cfg(test)]

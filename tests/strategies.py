@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-# A small pool of values makes ties frequent; the float strategy adds arbitrary values.
-TIE_VALUES = [0.0, 0.0625, 0.125, 0.25, 0.5, 1.0]
+# A small pool of values makes ties frequent (-0.0 ties with 0.0); the float strategy adds
+# arbitrary values.
+TIE_VALUES = [0.0, -0.0, 0.0625, 0.125, 0.25, 0.5, 1.0]
 
 
 @st.composite

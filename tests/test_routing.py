@@ -56,6 +56,22 @@ def test_topp_per_row_thresholds(probs: torch.Tensor, data: st.DataObject) -> No
         assert counts.tolist() == [r[1][0] for r in rows], name
 
 
+@settings(max_examples=60, deadline=None)
+@given(probs=prob_matrices(max_t=6, max_e=80), data=st.data())
+def test_wide_rows_take_every_path(probs: torch.Tensor, data: st.DataObject) -> None:
+    """Rows of up to 80 experts: top-k past the fixed-size buffers, top-p past the max scans
+    (rows that keep more than 20 experts sort the rest)."""
+    e = probs.shape[1]
+    k = data.draw(st.integers(1, e))
+    for name, idx in on_both(ops.topk_route, probs, k).items():
+        assert idx.tolist() == reference.topk(probs.tolist(), k), name
+    p = data.draw(st.sampled_from([0.5, 0.9, 1.0]))
+    exp_idx, exp_counts = reference.topp(probs.tolist(), p, 1, e)
+    for name, (idx, counts) in on_both(ops.topp_route, probs, p).items():
+        assert idx.tolist() == exp_idx, name
+        assert counts.tolist() == exp_counts, name
+
+
 def test_topp_keeps_the_expert_that_crosses_p(backend: str) -> None:
     probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
     idx, counts = ops.topp_route(probs, 0.4)
