@@ -2,7 +2,7 @@
 use std::time::Instant;
 
 use _native::lars::{scale_grads, sum_squares, Mode};
-use _native::threads::with_threads;
+use _native::threads::with_team;
 
 fn main() {
     let n = 1 << 20;
@@ -10,7 +10,7 @@ fn main() {
     let mut gs: Vec<Vec<f32>> = ws.clone();
     for threads in [1, 2] {
         let t = Instant::now();
-        let s: f64 = with_threads(threads, usize::MAX, || ws.iter().map(|w| sum_squares(w)).sum());
+        let s: f64 = with_team(threads, usize::MAX, || ws.iter().map(|w| sum_squares(w)).sum());
         println!("sum_squares 10 x 1M, {threads} threads: {:.2} ms ({s})", t.elapsed().as_secs_f64() * 1e3);
         let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
         let mut gr: Vec<&mut [f32]> = gs.iter_mut().map(|g| g.as_mut_slice()).collect();
@@ -18,7 +18,7 @@ fn main() {
         let mode = Mode::Lars { eta: 0.001, weight_decay: 0.0, eps: 1e-8, clip: None };
         for _ in 0..3 {
             let t = Instant::now();
-            with_threads(threads, usize::MAX, || scale_grads(&wr, &mut gr, &unit, 10, mode)).unwrap();
+            with_team(threads, usize::MAX, || scale_grads(&wr, &mut gr, &unit, 10, mode)).unwrap();
             println!("scale_grads 10 x 1M, {threads} threads: {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
         }
     }

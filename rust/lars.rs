@@ -1,12 +1,20 @@
 //! Layer-wise gradient scaling: LARS (You et al. 2017) and "bidirectional" scaling toward a target
 //! gradient norm. One native call handles every tensor: squared norms for all of them first (so a
 //! non-finite gradient is reported before anything is modified), then the in-place scaling.
-
-use rayon::prelude::*;
+//!
+//! Both passes run on the calling thread's team (`omp_team`) over fixed pieces of at most
+//! `PIECE` elements, so the norms do not depend on the thread count, and the second pass walks the
+//! pieces in reverse so that its first pieces are the ones the first pass left in cache.
 
 use crate::error::{value_err, KResult, KernelError};
 use crate::isa::with_best_isa;
+use crate::omp_team::for_each_part;
 use crate::real::Real;
+use crate::threads::team_size;
+
+/// Elements per parallel piece (256 KiB of f32): large enough to amortise a task, small enough
+/// that a 10M-parameter model splits into ~160 pieces that balance over the team.
+const PIECE: usize = 1 << 16;
 
 /// How the per-unit ratio is computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,12 +48,7 @@ pub fn sum_squares<F: Real>(x: &[F]) -> f64 {
         }
         s
     };
-    let sum_chunk = |c: &[F]| with_best_isa(|| c.chunks(BLOCK).map(block_sum).sum::<f64>());
-    if x.len() <= 1 << 15 {
-        sum_chunk(x)
-    } else {
-        x.par_chunks(1 << 14).map(sum_chunk).sum()
-    }
+    with_best_isa(|| x.chunks(BLOCK).map(block_sum).sum::<f64>())
 }
 
 /// The ratio for one unit from its weight and gradient norms.
@@ -88,16 +91,26 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
         }
     }
     let needs_w = matches!(mode, Mode::Lars { .. });
-    // Phase 1: squared norms of every tensor (in parallel over tensors and within large ones).
-    let sq: Vec<(f64, f64)> = weights
-        .par_iter()
-        .zip(grads.par_iter())
-        .map(|(w, g)| (if needs_w { sum_squares(w) } else { 0.0 }, sum_squares(g)))
-        .collect();
+    let threads = team_size();
+    // Phase 1: squared norms per piece, summed per tensor and unit in piece order.
+    let mut sq = Vec::new();
+    {
+        let pieces: Vec<(usize, &[F], &[F])> = weights
+            .iter()
+            .zip(grads.iter())
+            .enumerate()
+            .flat_map(|(i, (w, g))| w.chunks(PIECE).zip(g.chunks(PIECE)).map(move |(w, g)| (i, w, g)))
+            .collect();
+        sq.resize(pieces.len(), (0usize, 0.0f64, 0.0f64));
+        let parts: Vec<_> = sq.iter_mut().zip(pieces).collect();
+        for_each_part(threads, parts, |_, (out, (i, w, g))| {
+            *out = (i, if needs_w { sum_squares(w) } else { 0.0 }, sum_squares(g));
+        });
+    }
     let mut unit_sq = vec![(0.0f64, 0.0f64); n_units];
-    for (&u, &(ws, gs)) in unit.iter().zip(&sq) {
-        unit_sq[u].0 += ws;
-        unit_sq[u].1 += gs;
+    for &(i, ws, gs) in &sq {
+        unit_sq[unit[i]].0 += ws;
+        unit_sq[unit[i]].1 += gs;
     }
     let mut ratios = Vec::with_capacity(n_units);
     for (u, &(ws, gs)) in unit_sq.iter().enumerate() {
@@ -107,31 +120,34 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
         }
         ratios.push(ratio(mode, wn, gn));
     }
-    // Phase 2: scale in place.
+    // Phase 2: scale in place, last piece first (still in cache from phase 1).
     let wd = match mode {
         Mode::Lars { weight_decay, .. } => weight_decay,
         Mode::Bidirectional { .. } => 0.0,
     };
     let wd_f = F::from_f64(wd);
-    grads.par_iter_mut().zip(weights.par_iter()).zip(unit.par_iter()).for_each(|((g, w), &u)| {
-        let r = F::from_f64(ratios[u]);
-        const BLOCK: usize = 1 << 14;
-        let apply = |(gb, wb): (&mut [F], &[F])| with_best_isa(|| {
+    let mut pieces: Vec<(F, &mut [F], &[F])> = grads
+        .iter_mut()
+        .zip(weights.iter())
+        .zip(unit)
+        .flat_map(|((g, w), &u)| {
+            let r = F::from_f64(ratios[u]);
+            g.chunks_mut(PIECE).zip(w.chunks(PIECE)).map(move |(g, w)| (r, g, w))
+        })
+        .collect();
+    pieces.reverse();
+    for_each_part(threads, pieces, |_, (r, g, w)| {
+        with_best_isa(|| {
             if wd != 0.0 {
-                for (gv, &wv) in gb.iter_mut().zip(wb) {
+                for (gv, &wv) in g.iter_mut().zip(w) {
                     *gv = (*gv + wd_f * wv) * r;
                 }
             } else {
-                for gv in gb.iter_mut() {
+                for gv in g.iter_mut() {
                     *gv = *gv * r;
                 }
             }
-        });
-        if g.len() <= 4 * BLOCK {
-            apply((g, w));
-        } else {
-            g.par_chunks_mut(BLOCK).zip(w.par_chunks(BLOCK)).for_each(apply);
-        }
+        })
     });
     Ok(ratios)
 }

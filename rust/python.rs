@@ -16,7 +16,7 @@ use crate::error::KernelError;
 use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
 use crate::routing;
-use crate::threads::{with_team, with_threads};
+use crate::threads::with_team;
 use crate::window_mask;
 
 impl From<KernelError> for PyErr {
@@ -44,14 +44,9 @@ macro_rules! slice_mut {
     };
 }
 
-/// Runs a kernel of about `work` element operations with the GIL released, inside a pool of at
-/// most `threads` threads (fewer for small work).
-fn run<R: Send>(py: Python<'_>, threads: usize, work: usize, f: impl FnOnce() -> R + Send) -> R {
-    py.detach(|| with_threads(threads, work, f))
-}
-
-/// Like [`run`] for kernels that split their work over torch's OpenMP team (`omp_team`): they
-/// must run on the calling thread, whose OpenMP team is the one torch uses.
+/// Runs a kernel of about `work` element operations with the GIL released. Kernels split their
+/// tasks over torch's OpenMP team (`omp_team`), so they run on the calling thread, whose team is
+/// the one torch uses, with at most `threads` threads (fewer for small work).
 fn run_team<R: Send>(py: Python<'_>, threads: usize, work: usize, f: impl FnOnce() -> R + Send) -> R {
     py.detach(|| with_team(threads, work, f))
 }
@@ -194,7 +189,7 @@ macro_rules! float_kernels {
                 .map(|a| a.as_slice_mut().map_err(|_| PyValueError::new_err("params (gradient) must be C-contiguous")))
                 .collect::<PyResult<_>>()?;
             let work = 3 * gsl.iter().map(|g| g.len()).sum::<usize>();
-            Ok(run(py, threads, work, || lars::scale_grads(&wsl, &mut gsl, &unit, n_units, mode))?)
+            Ok(run_team(py, threads, work, || lars::scale_grads(&wsl, &mut gsl, &unit, n_units, mode))?)
         }
     };
 }
@@ -314,7 +309,7 @@ fn sliding_window_mask<'py>(
         None => None,
     };
     let o = slice_mut!(out, "out");
-    Ok(run(py, threads, o.len() / 8, || window_mask::window_mask(q_len, k_len, w, docs, o))?)
+    Ok(run_team(py, threads, o.len() / 8, || window_mask::window_mask(q_len, k_len, w, docs, o))?)
 }
 
 /// Tile summary into `out [B*nq*nk]` (int8 TILE_*); `window = 0` means unbounded.
@@ -338,7 +333,7 @@ fn sliding_window_tiles<'py>(
         None => None,
     };
     let o = slice_mut!(out, "out");
-    Ok(run(py, threads, q_len.saturating_mul(w.min(k_len)), || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o))?)
+    Ok(run_team(py, threads, q_len.saturating_mul(w.min(k_len)), || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o))?)
 }
 
 /// Runs the expert kernels' tasks on the OpenMP team whose `GOMP_parallel` is at `addr` (0: rayon).

@@ -171,6 +171,12 @@ fn max_key<K: Ord + Copy>(keys: &[K], floor: K) -> K {
     rest.iter().fold(lanes[0], |m, &x| if x > m { x } else { m })
 }
 
+/// NaN or negative (without branches, so the validity pass vectorises).
+#[inline(always)]
+fn invalid_prob<F: Real>(v: F) -> bool {
+    v.is_nan() | (v < F::ZERO)
+}
+
 /// Top-p selection. For each row of `probs[t, e]` (non-negative, no NaN), walk the experts in
 /// descending order and keep the one at rank r iff the float32 sum of the probabilities ranked
 /// before it is <= p (as float32); then clamp the count to [min_k, max_k]. Writes the kept experts
@@ -219,16 +225,16 @@ pub fn topp_route<F: RankKey>(
                 .zip(counts.iter_mut())
                 .enumerate()
             {
-                // Keys and a branch-free validity check in one pass (NaN fails `>=` too).
+                // Keys and a branch-free validity check in one pass.
                 keys.clear();
                 let mut bad = false;
                 keys.extend(row.iter().enumerate().map(|(j, &v)| {
-                    bad |= !(v >= F::ZERO);
+                    bad |= invalid_prob(v);
                     F::key(v, j)
                 }));
                 if bad {
                     let row_no = chunk * rows + r;
-                    let v = row.iter().copied().find(|v| !(*v >= F::ZERO)).expect("a bad value");
+                    let v = row.iter().copied().find(|&v| invalid_prob(v)).expect("a bad value");
                     return if v.is_nan() {
                         nan_error(row_no)
                     } else {

@@ -4,9 +4,9 @@
 //! pos(i) - j < window (the window counts the query's own key), and, with document ids, iff
 //! doc[j] == doc[pos(i)].
 
-use rayon::prelude::*;
-
 use crate::error::{check_len, value_err, KResult};
+use crate::omp_team::for_each_part;
+use crate::threads::{rows_per_task, team_size};
 
 /// Tile with no visible entry.
 pub const TILE_EMPTY: i8 = 0;
@@ -54,18 +54,24 @@ pub fn window_mask(q_len: usize, k_len: usize, window: usize, docs: Option<&[i64
     if q_len == 0 || k_len == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(k_len).enumerate().for_each(|(row, dst)| {
-        let (bi, i) = (row / q_len, row % q_len);
-        let (lo, hi) = key_range(i, q_len, k_len, window);
-        dst[..lo].fill(false);
-        dst[hi..].fill(false);
-        match docs {
-            None => dst[lo..hi].fill(true),
-            Some(d) => {
-                let doc = &d[bi * k_len..(bi + 1) * k_len];
-                let own = doc[hi - 1];
-                for (m, &dj) in dst[lo..hi].iter_mut().zip(&doc[lo..hi]) {
-                    *m = dj == own;
+    // Blocks of whole rows per task (on the caller's team, see `omp_team`).
+    let rows = rows_per_task(b * q_len, k_len, 1 << 16);
+    let parts: Vec<_> = out.chunks_mut(rows * k_len).collect();
+    for_each_part(team_size(), parts, |block, part| {
+        for (r, dst) in part.chunks_exact_mut(k_len).enumerate() {
+            let row = block * rows + r;
+            let (bi, i) = (row / q_len, row % q_len);
+            let (lo, hi) = key_range(i, q_len, k_len, window);
+            dst[..lo].fill(false);
+            dst[hi..].fill(false);
+            match docs {
+                None => dst[lo..hi].fill(true),
+                Some(d) => {
+                    let doc = &d[bi * k_len..(bi + 1) * k_len];
+                    let own = doc[hi - 1];
+                    for (m, &dj) in dst[lo..hi].iter_mut().zip(&doc[lo..hi]) {
+                        *m = dj == own;
+                    }
                 }
             }
         }
@@ -96,37 +102,44 @@ pub fn window_tiles(
     if nq == 0 || nk == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(nk).enumerate().for_each(|(row, tiles)| {
-        let (bi, qb) = (row / nq, row % nq);
-        let doc = docs.map(|d| &d[bi * k_len..(bi + 1) * k_len]);
-        let (q0, q1) = (qb * block_q, ((qb + 1) * block_q).min(q_len));
-        // visible[kb]: visible entries counted per key block.
-        tiles.fill(TILE_EMPTY);
+    // Tiles of one row of query blocks cost O(block_q * window) to count.
+    let rows = rows_per_task(b * nq, block_q * window.min(k_len), 1 << 16);
+    let parts: Vec<_> = out.chunks_mut(rows * nk).collect();
+    for_each_part(team_size(), parts, |block, part| {
         let mut visible = vec![0usize; nk];
-        for i in q0..q1 {
-            let (lo, hi) = key_range(i, q_len, k_len, window);
-            let own = doc.map(|d| d[hi - 1]);
-            let mut j = lo;
-            while j < hi {
-                let kb = j / block_k;
-                let end = ((kb + 1) * block_k).min(hi);
-                visible[kb] += match (doc, own) {
-                    (Some(d), Some(o)) => d[j..end].iter().filter(|&&x| x == o).count(),
-                    _ => end - j,
-                };
-                j = end;
+        for (r, tiles) in part.chunks_exact_mut(nk).enumerate() {
+            let row = block * rows + r;
+            let (bi, qb) = (row / nq, row % nq);
+            let doc = docs.map(|d| &d[bi * k_len..(bi + 1) * k_len]);
+            let (q0, q1) = (qb * block_q, ((qb + 1) * block_q).min(q_len));
+            // visible[kb]: visible entries counted per key block.
+            tiles.fill(TILE_EMPTY);
+            visible.fill(0);
+            for i in q0..q1 {
+                let (lo, hi) = key_range(i, q_len, k_len, window);
+                let own = doc.map(|d| d[hi - 1]);
+                let mut j = lo;
+                while j < hi {
+                    let kb = j / block_k;
+                    let end = ((kb + 1) * block_k).min(hi);
+                    visible[kb] += match (doc, own) {
+                        (Some(d), Some(o)) => d[j..end].iter().filter(|&&x| x == o).count(),
+                        _ => end - j,
+                    };
+                    j = end;
+                }
             }
-        }
-        for (kb, (tile, &v)) in tiles.iter_mut().zip(&visible).enumerate() {
-            let cols = ((kb + 1) * block_k).min(k_len) - kb * block_k;
-            let area = (q1 - q0) * cols;
-            *tile = if v == 0 {
-                TILE_EMPTY
-            } else if v == area {
-                TILE_FULL
-            } else {
-                TILE_PARTIAL
-            };
+            for (kb, (tile, &v)) in tiles.iter_mut().zip(&visible).enumerate() {
+                let cols = ((kb + 1) * block_k).min(k_len) - kb * block_k;
+                let area = (q1 - q0) * cols;
+                *tile = if v == 0 {
+                    TILE_EMPTY
+                } else if v == area {
+                    TILE_FULL
+                } else {
+                    TILE_PARTIAL
+                };
+            }
         }
     });
     Ok(())
