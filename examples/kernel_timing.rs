@@ -13,7 +13,7 @@ fn main() {
         seed ^= seed << 17;
         (seed >> 40) as f32 / (1u64 << 24) as f32
     };
-    for &(t, e, k) in &[(8192usize, 8usize, 2usize), (8192, 64, 8)] {
+    for &(t, e, k) in &[(8192usize, 8usize, 2usize), (8192, 64, 8), (65536, 8, 8), (65536, 64, 8)] {
         let probs: Vec<f32> = (0..t * e).map(|_| rnd()).collect();
         let mut out = vec![0i64; t * k];
         for threads in [1, 2] {

@@ -28,13 +28,18 @@ pub fn topk_route<F: RankKey>(probs: &[F], t: usize, e: usize, k: usize, out: &m
     let parts: Vec<_> = out.chunks_mut(rows * k).zip(probs.chunks(rows * e)).collect();
     try_for_each_part(team_size(), parts, |chunk, (out, probs)| {
         let first = chunk * rows;
-        // Small k (the common case) gets a fixed-size buffer the compiler fully unrolls.
-        match k {
-            1 => topk_rows_fixed::<F, 1>(probs, e, out, first),
-            2 => topk_rows_fixed::<F, 2>(probs, e, out, first),
-            3 => topk_rows_fixed::<F, 3>(probs, e, out, first),
-            4 => topk_rows_fixed::<F, 4>(probs, e, out, first),
-            _ => topk_rows_insert(probs, e, k, out, first),
+        // Small k (the common case) and short rows get a fixed-size buffer the compiler unrolls;
+        // longer rows take k max scans, or a selection and a sort for large k.
+        match (k, e) {
+            (1, _) => topk_rows_fixed::<F, 1>(probs, e, out, first),
+            (2, _) => topk_rows_fixed::<F, 2>(probs, e, out, first),
+            (3, _) => topk_rows_fixed::<F, 3>(probs, e, out, first),
+            (4, _) => topk_rows_fixed::<F, 4>(probs, e, out, first),
+            (5, ..=8) => topk_rows_fixed::<F, 5>(probs, e, out, first),
+            (6, ..=8) => topk_rows_fixed::<F, 6>(probs, e, out, first),
+            (7, ..=8) => topk_rows_fixed::<F, 7>(probs, e, out, first),
+            (8, ..=8) => topk_rows_fixed::<F, 8>(probs, e, out, first),
+            _ => topk_rows_keys(probs, e, k, out, first),
         }
     })
 }
@@ -64,36 +69,38 @@ fn topk_rows_fixed<F: RankKey, const K: usize>(probs: &[F], e: usize, out: &mut 
     Ok(())
 }
 
-/// Top-`k` of each row by insertion into a sorted buffer; most candidates lose to its last key.
-fn topk_rows_insert<F: RankKey>(probs: &[F], e: usize, k: usize, out: &mut [i64], first_row: usize) -> KResult<()> {
-    let mut best: Vec<F::Key> = vec![F::MIN_KEY; k];
-    for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)).enumerate() {
-        let mut len = 0usize;
-        for (j, &v) in row.iter().enumerate() {
-            if v.is_nan() {
+/// Top-`k` of each row from its (value, index) keys: `k` max scans while k is small, else a
+/// selection of the k largest and a sort of just those.
+fn topk_rows_keys<F: RankKey>(probs: &[F], e: usize, k: usize, out: &mut [i64], first_row: usize) -> KResult<()> {
+    with_best_isa(|| {
+        let mut keys: Vec<F::Key> = Vec::with_capacity(e);
+        for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)).enumerate() {
+            keys.clear();
+            let mut nan = false;
+            keys.extend(row.iter().enumerate().map(|(j, &v)| {
+                nan |= v.is_nan();
+                F::key(v, j)
+            }));
+            if nan {
                 return nan_error(first_row + r);
             }
-            let key = F::key(v, j);
-            if len == k {
-                if key <= best[k - 1] {
-                    continue;
+            if k <= MAX_SCANS {
+                for d in dst.iter_mut() {
+                    let j = F::index(max_key(&keys, F::MIN_KEY));
+                    keys[j] = F::MIN_KEY;
+                    *d = j as i64;
                 }
             } else {
-                len += 1;
+                keys.select_nth_unstable(e - k);
+                let top = &mut keys[e - k..];
+                top.sort_unstable();
+                for (d, &key) in dst.iter_mut().zip(top.iter().rev()) {
+                    *d = F::index(key) as i64;
+                }
             }
-            // Shift smaller keys down one place (dropping the last when full), then insert.
-            let mut pos = len - 1;
-            while pos > 0 && best[pos - 1] < key {
-                best[pos] = best[pos - 1];
-                pos -= 1;
-            }
-            best[pos] = key;
         }
-        for (d, &key) in dst.iter_mut().zip(&best[..len]) {
-            *d = F::index(key) as i64;
-        }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// A sort key that orders (value, index) pairs: a larger key ranks first (larger value, then
@@ -143,7 +150,7 @@ impl RankKey for f64 {
 
 /// Experts picked by vectorised max scans before the rest of the row is sorted instead (top-p
 /// rows usually keep few experts; a flat row that keeps many is cheaper to sort).
-const LINEAR_STEPS: usize = 20;
+const MAX_SCANS: usize = 20;
 
 /// Lanes of the max scan over keys: one AVX-512 vector of u64 (or two AVX2 ones).
 const LANES: usize = 8;
@@ -184,7 +191,7 @@ fn invalid_prob<F: Real>(v: F) -> bool {
 ///
 /// The first experts come from max scans over the row's keys (a key holds the value and the
 /// index, so the lowest index wins ties and the index comes with the maximum; a taken key is set
-/// to the minimum); a row that keeps more than `LINEAR_STEPS` sorts its remaining keys. O(E) per
+/// to the minimum); a row that keeps more than `MAX_SCANS` sorts its remaining keys. O(E) per
 /// row when few experts are kept.
 #[allow(clippy::too_many_arguments)]
 pub fn topp_route<F: RankKey>(
@@ -245,12 +252,12 @@ pub fn topp_route<F: RankKey>(
                 let mut acc = 0.0f32;
                 let mut kept = 0usize;
                 while kept < max_k && (kept < min_k || acc <= p) {
-                    let j = if kept < LINEAR_STEPS {
+                    let j = if kept < MAX_SCANS {
                         let j = F::index(max_key(&keys, F::MIN_KEY));
                         keys[j] = F::MIN_KEY;
                         j
                     } else {
-                        if kept == LINEAR_STEPS {
+                        if kept == MAX_SCANS {
                             // A flat row: sort the keys left once (ascending; pop from the end).
                             keys.retain(|&k| k != F::MIN_KEY);
                             keys.sort_unstable();
