@@ -8,6 +8,7 @@ pub mod expert_mlp;
 pub mod isa;
 pub mod lars;
 pub mod omp_team;
+pub mod pool;
 pub mod real;
 pub mod routing;
 pub mod threads;

@@ -3,11 +3,12 @@
 //! the requested size, and returns numpy arrays that torch wraps without copying.
 //! Dtype dispatch is by name (`_f32` / `_f64`); the Python side picks the variant.
 
+use numpy::ndarray::{ArrayViewD, IxDyn};
 use numpy::{
-    PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3,
+    Element, PyArray1, PyArrayDyn, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -15,6 +16,7 @@ use crate::dispatch;
 use crate::error::KernelError;
 use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
+use crate::pool;
 use crate::routing;
 use crate::threads::with_team;
 use crate::window_mask;
@@ -336,6 +338,64 @@ fn sliding_window_tiles<'py>(
     Ok(run_team(py, threads, q_len.saturating_mul(w.min(k_len)), || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o))?)
 }
 
+/// Owner of a pooled block, kept alive as the base of the numpy array (and so of the torch tensor)
+/// that views it; when the last view goes, the block returns to the pool.
+#[pyclass(frozen, module = "moerust._native")]
+struct PooledBuffer {
+    block: Option<pool::Block>,
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(block) = self.block.take() {
+            pool::give(block);
+        }
+    }
+}
+
+/// A C-contiguous array of `shape` viewing a pooled block (contents unspecified).
+fn pooled_array<'py, T: Element>(py: Python<'py>, shape: &[usize]) -> PyResult<Bound<'py, PyAny>> {
+    let bytes = shape
+        .iter()
+        .try_fold(1usize, |n, &s| n.checked_mul(s))
+        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()))
+        .filter(|&b| b <= isize::MAX as usize / 2)
+        .ok_or_else(|| PyValueError::new_err(format!("shape {shape:?} is too large")))?;
+    let block = pool::take(bytes).ok_or_else(|| PyMemoryError::new_err(format!("cannot allocate {bytes} bytes")))?;
+    let ptr = block.as_ptr() as *const T;
+    // SAFETY: the block is aligned to pool::ALIGN (>= the alignment of T), holds at least `bytes`
+    // = prod(shape) * size_of::<T>() bytes, all initialised (zeroed when allocated, or written
+    // since), and only element types valid for every bit pattern (f32, f64, i64) are used.
+    let view = unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), ptr) };
+    let owner = Bound::new(py, PooledBuffer { block: Some(block) })?;
+    // SAFETY: `owner` owns the block and becomes the array's base, so the memory outlives the
+    // array; the block is never reallocated.
+    Ok(unsafe { PyArrayDyn::<T>::borrow_from_array(&view, owner.into_any()) }.into_any())
+}
+
+/// An uninitialised output array of `shape` from the buffer pool (`dtype`: float32, float64, int64).
+#[pyfunction]
+fn pooled_empty<'py>(py: Python<'py>, shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyAny>> {
+    match dtype {
+        "float32" => pooled_array::<f32>(py, &shape),
+        "float64" => pooled_array::<f64>(py, &shape),
+        "int64" => pooled_array::<i64>(py, &shape),
+        other => Err(PyTypeError::new_err(format!("dtype must be float32, float64 or int64, got {other:?}"))),
+    }
+}
+
+/// (idle bytes held by the pool, the cap on idle bytes, the smallest pooled request).
+#[pyfunction]
+fn pool_info() -> (usize, usize, usize) {
+    (pool::idle_bytes(), pool::cap_bytes(), pool::MIN_POOLED)
+}
+
+/// Frees the pool's idle blocks; returns the bytes released.
+#[pyfunction]
+fn pool_clear() -> usize {
+    pool::clear()
+}
+
 /// Runs the expert kernels' tasks on the OpenMP team whose `GOMP_parallel` is at `addr` (0: rayon).
 #[pyfunction]
 fn use_openmp_team(addr: usize) {
@@ -379,5 +439,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expert_mlp_backward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp_team, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(pooled_empty, m)?)?;
+    m.add_function(wrap_pyfunction!(pool_info, m)?)?;
+    m.add_function(wrap_pyfunction!(pool_clear, m)?)?;
     Ok(())
 }

@@ -10,11 +10,21 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from . import nn, ops
-from ._backend import get_backend, native_available, set_backend, use_backend
+from ._backend import empty_cache, get_backend, memory_pool, native_available, set_backend, use_backend
 
 try:
     __version__ = version("moerust")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+source"
 
-__all__ = ["__version__", "get_backend", "native_available", "nn", "ops", "set_backend", "use_backend"]
+__all__ = [
+    "__version__",
+    "empty_cache",
+    "get_backend",
+    "memory_pool",
+    "native_available",
+    "nn",
+    "ops",
+    "set_backend",
+    "use_backend",
+]

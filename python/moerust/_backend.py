@@ -144,3 +144,42 @@ def numpy_view(t: torch.Tensor) -> Any:
 def num_threads() -> int:
     """Threads for a Rust call: torch's intra-op setting (``RAYON_NUM_THREADS`` overrides in Rust)."""
     return max(1, torch.get_num_threads())
+
+
+_POOL_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
+_POOL_MIN_BYTES = _native_module.pool_info()[2] if _native_module is not None else 0
+
+
+def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor for a Rust kernel to fill.
+
+    Outputs of at least 64 KiB (float32/float64/int64) come from the native buffer pool: when the
+    tensor is freed its pages go back to the pool and the next output of a similar size reuses
+    them, so the kernel never waits on page faults for fresh memory (see ``rust/pool.rs``).
+    Smaller outputs, other dtypes and a missing extension use ``torch.empty``.
+    """
+    name = _POOL_DTYPES.get(dtype)
+    if name is not None and _native_module is not None:
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * (4 if dtype == torch.float32 else 8) >= _POOL_MIN_BYTES:
+            return torch.from_numpy(_native_module.pooled_empty(list(shape), name))
+    return torch.empty(shape, dtype=dtype)
+
+
+def memory_pool() -> dict:
+    """State of the native output-buffer pool: ``{"idle_bytes", "cap_bytes", "min_pooled_bytes"}``.
+
+    Idle bytes are blocks of freed outputs kept for reuse; the cap is ``MOERUST_POOL_MB`` MiB
+    (default 1024; 0 turns pooling off). All zeros without the extension.
+    """
+    if _native_module is None:
+        return {"idle_bytes": 0, "cap_bytes": 0, "min_pooled_bytes": 0}
+    idle, cap, min_bytes = _native_module.pool_info()
+    return {"idle_bytes": idle, "cap_bytes": cap, "min_pooled_bytes": min_bytes}
+
+
+def empty_cache() -> int:
+    """Frees the idle blocks of the native output-buffer pool; returns the bytes released."""
+    return int(_native_module.pool_clear()) if _native_module is not None else 0

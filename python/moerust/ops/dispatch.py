@@ -165,7 +165,7 @@ def _combine_backward_torch(
 @torch.library.custom_op("moerust::gather", mutates_args=())
 def _gather_op(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(x, row_token):
-        out = x.new_empty(row_token.shape[0], x.shape[1])
+        out = _backend.empty(row_token.shape[0], x.shape[1], dtype=x.dtype)
         _backend.native_fn("gather", x.dtype)(_np(x), _np(row_token), out.numpy(), _backend.num_threads())
         return out
     return _gather_torch(x, row_token)
@@ -179,7 +179,7 @@ def _(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch
 @torch.library.custom_op("moerust::gather_backward", mutates_args=())
 def _gather_backward_op(grad: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(grad, slot_row):
-        out = grad.new_empty(slot_row.shape[0], grad.shape[1])
+        out = _backend.empty(slot_row.shape[0], grad.shape[1], dtype=grad.dtype)
         _backend.native_fn("gather_backward", grad.dtype)(_np(grad), _np(slot_row), out.numpy(), _backend.num_threads())
         return out
     return _slot_sum_torch(grad, None, slot_row)
@@ -208,7 +208,7 @@ def _combine_op(
     ys: torch.Tensor, weights: torch.Tensor, slot_row: torch.Tensor, row_token: torch.Tensor, row_slot: torch.Tensor
 ) -> torch.Tensor:
     if _backend.rust_handles(ys, weights, slot_row):
-        out = ys.new_empty(slot_row.shape[0], ys.shape[1])
+        out = _backend.empty(slot_row.shape[0], ys.shape[1], dtype=ys.dtype)
         _backend.native_fn("combine", ys.dtype)(_np(ys), _np(weights), _np(slot_row), out.numpy(), _backend.num_threads())
         return out
     return _slot_sum_torch(ys, weights, slot_row)
@@ -229,8 +229,8 @@ def _combine_backward_op(
     row_slot: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if _backend.rust_handles(grad, ys, weights, slot_row):
-        grad_ys = ys.new_empty(ys.shape)
-        grad_w = weights.new_empty(weights.shape)
+        grad_ys = _backend.empty(*ys.shape, dtype=ys.dtype)
+        grad_w = _backend.empty(*weights.shape, dtype=weights.dtype)
         _backend.native_fn("combine_backward", ys.dtype)(
             _np(grad), _np(ys), _np(weights), _np(row_token), _np(row_slot), _np(slot_row),
             grad_ys.numpy(), grad_w.numpy(), _backend.num_threads(),

@@ -92,8 +92,8 @@ def _expert_mlp_op(
     xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, activation: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if _backend.rust_handles(xs, w1, w2, offsets):
-        h = xs.new_empty(xs.shape[0], w1.shape[1])
-        out = xs.new_empty(xs.shape[0], w2.shape[1])
+        h = _backend.empty(xs.shape[0], w1.shape[1], dtype=xs.dtype)
+        out = _backend.empty(xs.shape[0], w2.shape[1], dtype=xs.dtype)
         _backend.native_fn("expert_mlp_forward", xs.dtype)(
             _np(xs), _np(w1), _np(w2), _np(offsets), activation, h.numpy(), out.numpy(), _backend.num_threads()
         )
@@ -117,7 +117,7 @@ def _expert_mlp_backward_op(
     activation: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _backend.rust_handles(grad, xs, h, w1, w2, offsets):
-        dxs, dw1, dw2 = xs.new_empty(xs.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+        dxs, dw1, dw2 = (_backend.empty(*t.shape, dtype=t.dtype) for t in (xs, w1, w2))
         _backend.native_fn("expert_mlp_backward", xs.dtype)(
             _np(grad), _np(xs), _np(h), _np(w1), _np(w2), _np(offsets), activation,
             dxs.numpy(), dw1.numpy(), dw2.numpy(), _backend.num_threads(),

@@ -36,7 +36,7 @@ def topk_route(probs: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError("probs must have at least one expert column, got shape (T, 0)")
     if _backend.rust_handles(probs):
         x = probs.detach().contiguous()
-        out = torch.empty(probs.shape[0], k, dtype=torch.int64)
+        out = _backend.empty(probs.shape[0], k, dtype=torch.int64)
         _backend.native_fn("topk_route", x.dtype)(x.numpy(), out.numpy(), _backend.num_threads())
         return out
     return topk_route_torch(probs, k)
@@ -82,8 +82,8 @@ def topp_route(
     min_k = _checks.integer(min_k, "min_k", lo=1, hi=max_k)
     if _backend.rust_handles(probs):
         x = probs.detach().contiguous()
-        idx = torch.empty(probs.shape[0], max_k, dtype=torch.int64)
-        counts = torch.empty(probs.shape[0], dtype=torch.int64)
+        idx = _backend.empty(probs.shape[0], max_k, dtype=torch.int64)
+        counts = _backend.empty(probs.shape[0], dtype=torch.int64)
         fn = _backend.native_fn("topp_route", x.dtype)
         thresholds = p.contiguous() if isinstance(p, torch.Tensor) else torch.tensor([p], dtype=torch.float32)
         fn(x.numpy(), thresholds.cpu().numpy(), min_k, idx.numpy(), counts.numpy(), _backend.num_threads())
