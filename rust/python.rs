@@ -46,6 +46,10 @@ macro_rules! slice_mut {
     };
 }
 
+/// Work units per probability in routing (a key, compares and selects), against 1 per element
+/// copied: sizes the team for routing calls.
+const ROUTE_COST: usize = 8;
+
 /// Runs a kernel of about `work` element operations with the GIL released. Kernels split their
 /// tasks over torch's OpenMP team (`omp_team`), so they run on the calling thread, whose team is
 /// the one torch uses, with at most `threads` threads (fewer for small work).
@@ -67,7 +71,7 @@ macro_rules! float_kernels {
             let (t, e, k) = (probs.shape()[0], probs.shape()[1], out.shape()[1]);
             let p = slice!(probs, "probs");
             let o = slice_mut!(out, "out");
-            Ok(run_team(py, threads, t * e, || routing::topk_route(p, t, e, k, o))?)
+            Ok(run_team(py, threads, t * e * ROUTE_COST, || routing::topk_route(p, t, e, k, o))?)
         }
 
         /// Top-p expert indices into `idx [T, max_k]` (-1 padded) and `counts [T]`; `p` holds one
@@ -85,7 +89,7 @@ macro_rules! float_kernels {
             let (t, e, max_k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
             let (pr, pv) = (slice!(probs, "probs"), slice!(p, "p"));
             let (ix, c) = (slice_mut!(idx, "idx"), slice_mut!(counts, "counts"));
-            Ok(run_team(py, threads, t * e, || routing::topp_route(pr, t, e, pv, min_k, max_k, ix, c))?)
+            Ok(run_team(py, threads, t * e * ROUTE_COST, || routing::topp_route(pr, t, e, pv, min_k, max_k, ix, c))?)
         }
 
         /// `out[r] = x[row_token[r]]` into `out [R, d]`.
