@@ -27,28 +27,39 @@ pub enum Mode {
 
 /// Sum of squares in f64, computed blockwise in f32/f64 lanes so the loop vectorises.
 pub fn sum_squares<F: Real>(x: &[F]) -> f64 {
-    // 32 lanes (four AVX2 vectors of f32) hide the add latency; 32 terms per lane in the element
-    // type, then f64: accurate to ~1e-7 and still vectorised.
+    sum_squares_of([x])[0]
+}
+
+/// Sums of squares of `N` slices of equal length, walked together: the slices stream from memory
+/// at the same time, which keeps more loads in flight than one slice after another (the weights
+/// are usually cold when LARS reads them).
+pub fn sum_squares_of<F: Real, const N: usize>(xs: [&[F]; N]) -> [f64; N] {
+    // 32 lanes (four AVX2 vectors of f32) per slice hide the add latency; 32 terms per lane in
+    // the element type, then f64: accurate to ~1e-7 and still vectorised.
     const BLOCK: usize = 1024;
     const L: usize = 32;
-    let block_sum = |b: &[F]| -> f64 {
-        let mut lanes = [F::ZERO; L];
-        let chunks = b.chunks_exact(L);
-        let rest = chunks.remainder();
-        for c in chunks {
-            // A fixed-size view lets the compiler drop bounds checks and vectorise the lanes.
-            let c: &[F; L] = c.try_into().expect("chunks_exact yields L elements");
-            for i in 0..L {
-                lanes[i] += c[i] * c[i];
+    let n = xs.iter().map(|x| x.len()).min().unwrap_or(0);
+    with_best_isa(|| {
+        let mut total = [0.0f64; N];
+        for start in (0..n).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n);
+            for (x, tot) in xs.iter().zip(total.iter_mut()) {
+                let b = &x[start..end];
+                let mut lanes = [F::ZERO; L];
+                let chunks = b.chunks_exact(L);
+                let rest = chunks.remainder();
+                for c in chunks {
+                    // A fixed-size view lets the compiler drop bounds checks and vectorise.
+                    let c: &[F; L] = c.try_into().expect("chunks_exact yields L elements");
+                    for i in 0..L {
+                        lanes[i] += c[i] * c[i];
+                    }
+                }
+                *tot += lanes.iter().map(|v| v.to_f64()).sum::<f64>() + rest.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>();
             }
         }
-        let mut s: f64 = lanes.iter().map(|v| v.to_f64()).sum();
-        for &v in rest {
-            s += v.to_f64() * v.to_f64();
-        }
-        s
-    };
-    with_best_isa(|| x.chunks(BLOCK).map(block_sum).sum::<f64>())
+        total
+    })
 }
 
 /// The ratio for one unit from its weight and gradient norms.
@@ -104,7 +115,12 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
         sq.resize(pieces.len(), (0usize, 0.0f64, 0.0f64));
         let parts: Vec<_> = sq.iter_mut().zip(pieces).collect();
         for_each_part(threads, parts, |_, (out, (i, w, g))| {
-            *out = (i, if needs_w { sum_squares(w) } else { 0.0 }, sum_squares(g));
+            *out = if needs_w {
+                let [ws, gs] = sum_squares_of([w, g]);
+                (i, ws, gs)
+            } else {
+                (i, 0.0, sum_squares(g))
+            };
         });
     }
     let mut unit_sq = vec![(0.0f64, 0.0f64); n_units];
