@@ -20,20 +20,25 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(flat, minlength=num_experts).to(torch.float32)
 
 
-def switch_loss(probs: torch.Tensor, idx: torch.Tensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+def switch_loss(
+    probs: torch.Tensor, idx: torch.Tensor, counts: Optional[torch.Tensor] = None, p_mean: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Switch Transformer / GShard balance loss ``E * sum_i f_i * P_i``.
 
     Normalised so that perfectly uniform routing gives exactly 1 (its minimum when f and P agree);
     everything on one expert gives E. Differentiable through ``P`` only (``f`` counts hard
     choices). ``counts`` (``[E]`` assignments) replaces the counts of ``idx`` when given, which is
-    how :class:`GlobalBatchBalance` feeds in counts gathered over micro-steps and ranks.
+    how :class:`GlobalBatchBalance` feeds in counts gathered over micro-steps and ranks;
+    ``p_mean`` (``probs`` averaged over tokens) may be passed when already computed.
     """
     num_experts = probs.shape[-1]
     if counts is None:
         counts = expert_counts(idx, num_experts)
-    f = counts.to(probs.dtype) / counts.sum().clamp(min=1).to(probs.dtype)
-    p_mean = probs.reshape(-1, num_experts).mean(dim=0)
-    return num_experts * (f * p_mean).sum()
+    f = counts.to(probs.dtype)
+    f = f / f.sum().clamp(min=1)
+    if p_mean is None:
+        p_mean = probs.reshape(-1, num_experts).mean(dim=0)
+    return num_experts * torch.dot(f, p_mean)
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -49,10 +54,12 @@ def entropy_loss(probs: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     return -(probs * torch.log(probs + eps)).sum(dim=-1).mean()
 
 
-def uniform_mse_loss(probs: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance of the mean router probabilities from uniform ``1/E``."""
+def uniform_mse_loss(probs: torch.Tensor, p_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared distance of the mean router probabilities from uniform ``1/E`` (``p_mean``:
+    the mean, when already computed)."""
     num_experts = probs.shape[-1]
-    p_mean = probs.reshape(-1, num_experts).mean(dim=0)
+    if p_mean is None:
+        p_mean = probs.reshape(-1, num_experts).mean(dim=0)
     return (p_mean - 1.0 / num_experts).pow(2).mean()
 
 

@@ -172,7 +172,8 @@ class MoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, c.dim)
         r = self.router(x2)
-        assigned = int(r.counts.sum())
+        # Top-k routes exactly k slots per token; only top-p needs the count summed.
+        assigned = int(r.counts.sum()) if self.router.routing == "topp" else x2.shape[0] * c.k
         plan = ops.dispatch_plan(r.idx, c.num_experts, self.capacity(assigned))
         xs = ops.gather(x2, plan)
         ys = self.experts(xs, plan.offsets)
@@ -181,12 +182,10 @@ class MoE(nn.Module):
             y = y + self.shared(x2)
         counts = plan.counts if plan.capacity is None else expert_counts(r.idx, c.num_experts)
         losses = self._losses(r, counts)
-        weighted = (
-            c.balance_weight * losses["balance"]
-            + c.z_weight * losses["z"]
-            + c.entropy_weight * losses["entropy"]
-            + c.uniform_weight * losses["uniform"]
-        )
+        weights = {"balance": c.balance_weight, "z": c.z_weight, "entropy": c.entropy_weight, "uniform": c.uniform_weight}
+        # Zero-weight losses are reported but left out of the sum (and of the backward).
+        terms = [w * losses[name] for name, w in weights.items() if w != 0]
+        weighted = sum(terms[1:], terms[0]) if terms else r.probs.new_zeros(())
         if self.training:
             self._load_since_step = self._load_since_step.to(plan.counts.device) + plan.counts
         stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
@@ -195,6 +194,10 @@ class MoE(nn.Module):
     def _losses(self, r: RouterOutput, counts: torch.Tensor) -> Dict[str, torch.Tensor]:
         c = self.config
         grad = torch.is_grad_enabled()
+        # The mean router probability feeds two losses: computed once, with a graph if either
+        # of them is weighted.
+        with torch.set_grad_enabled(grad and (c.balance_weight > 0 or c.uniform_weight > 0)):
+            p_mean = r.probs.mean(dim=0)
         # Every loss is reported; only those with a weight build a graph for the backward.
         with torch.set_grad_enabled(grad and c.balance_weight > 0):
             if self.global_balance is not None and self.training:
@@ -202,13 +205,13 @@ class MoE(nn.Module):
             elif c.balance == "none":
                 balance = r.probs.new_zeros(())
             else:
-                balance = switch_loss(r.probs, r.idx, counts=counts)
+                balance = switch_loss(r.probs, r.idx, counts=counts, p_mean=p_mean)
         with torch.set_grad_enabled(grad and c.z_weight > 0):
             z = z_loss(r.logits)
         with torch.set_grad_enabled(grad and c.entropy_weight > 0):
             entropy = entropy_loss(r.probs)
         with torch.set_grad_enabled(grad and c.uniform_weight > 0):
-            uniform = uniform_mse_loss(r.probs)
+            uniform = uniform_mse_loss(r.probs, p_mean=p_mean)
         return {"balance": balance, "z": z, "entropy": entropy, "uniform": uniform}
 
     @torch.no_grad()

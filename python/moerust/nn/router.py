@@ -128,7 +128,9 @@ class Router(nn.Module):
         """Routes ``x [T, dim]``."""
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x, self.weight.to(x.dtype)) / self.temperature
+        logits = F.linear(x, self.weight.to(x.dtype))
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs = torch.softmax(logits, dim=-1)

@@ -35,13 +35,7 @@ class RoutingStats:
 
 def normalized_entropy(shares: torch.Tensor) -> float:
     """Entropy of a distribution over E entries divided by ln E (1 for E = 1)."""
-    e = shares.numel()
-    if e <= 1:
-        return 1.0
-    s = shares.double().clamp(min=0)
-    s = s / s.sum().clamp(min=1e-30)
-    h = -(s * torch.log(s.clamp(min=1e-30))).sum()
-    return float(h / math.log(e))
+    return _entropy_of([float(v) for v in shares.detach().reshape(-1).tolist()])
 
 
 class RouterStats(nn.Module):
@@ -74,17 +68,36 @@ class RouterStats(nn.Module):
     def update(self, load: torch.Tensor, tokens: int, assigned: int, dropped: int) -> RoutingStats:
         """Folds in one pass: ``load`` kept rows per expert, ``tokens`` T, ``assigned`` routed
         slots before capacity, ``dropped`` slots dropped by it."""
-        load64 = load.detach().double().cpu()
-        total = float(load64.sum())
-        share = load64 / total if total > 0 else torch.full_like(load64, 1.0 / self.num_experts)
+        # E numbers: plain Python (one transfer) is cheaper than a dozen tiny torch ops.
+        counts = [int(v) for v in load.detach().cpu().tolist()]
+        total = sum(counts)
+        e = self.num_experts
+        share = [c / total for c in counts] if total > 0 else [1.0 / e] * e
         if self.training:
-            self.ema.mul_(self.beta).add_(share.to(self.ema.device), alpha=1.0 - self.beta)
+            self.ema.mul_(self.beta).add_(torch.tensor(share, dtype=torch.float64).to(self.ema.device), alpha=1.0 - self.beta)
             self.steps += 1
-        usage = self.usage()
+        n = int(self.steps)
+        if n == 0:
+            usage = [1.0 / e] * e
+        else:
+            scale = 1.0 - self.beta**n
+            usage = [v / scale for v in self.ema.cpu().tolist()]
         return RoutingStats(
-            load=[int(v) for v in load64.tolist()],
-            usage=usage.tolist(),
-            usage_entropy=normalized_entropy(usage),
+            load=counts,
+            usage=usage,
+            usage_entropy=_entropy_of(usage),
             experts_per_token=assigned / tokens if tokens else 0.0,
             dropped_fraction=dropped / assigned if assigned else 0.0,
         )
+
+
+def _entropy_of(shares: List[float]) -> float:
+    """:func:`normalized_entropy` of a list of shares (negative shares count as 0), in plain
+    Python: for E numbers that is cheaper than a dozen tiny torch ops."""
+    e = len(shares)
+    if e <= 1:
+        return 1.0
+    clipped = [max(v, 0.0) for v in shares]
+    total = max(sum(clipped), 1e-30)
+    h = -sum((v / total) * math.log(max(v / total, 1e-30)) for v in clipped)
+    return h / math.log(e)
