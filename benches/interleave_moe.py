@@ -1,0 +1,55 @@
+"""MoE-layer variants of ``test_bench_moe.py`` timed round-robin in one process, so slow drift of a
+shared machine hits every variant alike (pytest-benchmark runs one variant's rounds after another).
+
+Usage: ``python -m benches.interleave_moe THREADS d ff E k T [VARIANT,VARIANT,...] [--passes N]``;
+prints each variant's median step time (ms) per pass and as JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+DEFAULT = "moerust,hf-eager,hf-grouped_mm,bound,hf-moerust"
+
+
+def median_ms(step: Callable[[], object], reps: int = 8, warmup: int = 2) -> float:
+    """Median wall time of ``step`` in milliseconds."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def main(argv: "List[str] | None" = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("threads", type=int)
+    ap.add_argument("dims", type=int, nargs=5, metavar="d ff E k T")
+    ap.add_argument("variants", nargs="?", default=DEFAULT)
+    ap.add_argument("--passes", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from .test_bench_moe import build
+
+    results: Dict[str, List[float]] = {}
+    for p in range(args.passes):
+        for variant in args.variants.split(","):
+            step, _ = build(variant, *args.dims)
+            ms = median_ms(step)
+            results.setdefault(variant, []).append(ms)
+            print(f"pass {p + 1} {variant}: {ms:.2f} ms", flush=True)
+    print(json.dumps({"threads": args.threads, "dims": args.dims, "ms": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
