@@ -76,12 +76,7 @@ class RouterStats(nn.Module):
         if self.training:
             self.ema.mul_(self.beta).add_(torch.tensor(share, dtype=torch.float64).to(self.ema.device), alpha=1.0 - self.beta)
             self.steps += 1
-        n = int(self.steps)
-        if n == 0:
-            usage = [1.0 / e] * e
-        else:
-            scale = 1.0 - self.beta**n
-            usage = [v / scale for v in self.ema.cpu().tolist()]
+        usage = self.usage().tolist()
         return RoutingStats(
             load=counts,
             usage=usage,
