@@ -63,10 +63,26 @@ struct Idle {
     bytes: usize,
 }
 
-fn idle() -> MutexGuard<'static, Idle> {
+fn idle_map() -> &'static Mutex<Idle> {
     static IDLE: OnceLock<Mutex<Idle>> = OnceLock::new();
+    IDLE.get_or_init(|| Mutex::new(Idle { blocks: HashMap::new(), bytes: 0 }))
+}
+
+/// The idle blocks, blocking (for bookkeeping calls).
+fn idle() -> MutexGuard<'static, Idle> {
     // A poisoned lock only means a panic elsewhere while holding it; the map is still consistent.
-    IDLE.get_or_init(|| Mutex::new(Idle { blocks: HashMap::new(), bytes: 0 })).lock().unwrap_or_else(|e| e.into_inner())
+    idle_map().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The idle blocks if nobody else holds them. `take` and `give` never wait: under contention
+/// they allocate or free directly, so a lock held by a thread that does not exist in a forked
+/// child (fork copies a locked mutex) cannot deadlock the child.
+fn try_idle() -> Option<MutexGuard<'static, Idle>> {
+    match idle_map().try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 /// Most idle bytes kept: `MOERUST_POOL_MB` MiB (read once; 0 turns pooling off), default 1024.
@@ -78,13 +94,12 @@ pub fn cap_bytes() -> usize {
     })
 }
 
-/// A block of at least `bytes` bytes: an idle one of the same size class if there is one, else
-/// a new zeroed one (zeroed, so every byte is initialised; fresh pages cost nothing until written).
+/// A block of at least `bytes` bytes: an idle one of the same size class if there is one (and no
+/// other thread is using the pool right now), else a new zeroed one (zeroed, so every byte is initialised; fresh pages cost nothing until written).
 /// `None` if the system is out of memory.
 pub fn take(bytes: usize) -> Option<Block> {
     let size = size_class(bytes);
-    {
-        let mut idle = idle();
+    if let Some(mut idle) = try_idle() {
         if let Some(block) = idle.blocks.get_mut(&size).and_then(Vec::pop) {
             idle.bytes -= block.size;
             return Some(block);
@@ -96,14 +111,16 @@ pub fn take(bytes: usize) -> Option<Block> {
     Some(Block { ptr, size })
 }
 
-/// Returns a block to the pool, or frees it if the idle blocks would exceed the cap.
+/// Returns a block to the pool, or frees it if the idle blocks would exceed the cap (or another
+/// thread is using the pool right now).
 pub fn give(block: Block) {
-    let mut idle = idle();
-    if idle.bytes + block.size <= cap_bytes() {
-        idle.bytes += block.size;
-        idle.blocks.entry(block.size).or_default().push(block);
+    if let Some(mut idle) = try_idle() {
+        if idle.bytes + block.size <= cap_bytes() {
+            idle.bytes += block.size;
+            idle.blocks.entry(block.size).or_default().push(block);
+        }
     }
-    // else: `block` drops here and goes back to the system allocator.
+    // Otherwise `block` drops here and goes back to the system allocator.
 }
 
 /// Bytes held by idle blocks.

@@ -92,3 +92,24 @@ def test_cap_zero_turns_pooling_off() -> None:
     )
     env = dict(os.environ, MOERUST_POOL_MB="0")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_pool_works_in_a_forked_child() -> None:
+    """A forked child (e.g. a DataLoader worker) allocates pooled outputs, including blocks the
+    parent had left idle."""
+    held = _backend.empty(300, 300, dtype=torch.float32)
+    del held  # an idle block the child inherits
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            # As DataLoader workers do: OpenMP teams do not survive a fork.
+            torch.set_num_threads(1)
+            t = _backend.empty(300, 300, dtype=torch.float32)
+            t.fill_(2.0)
+            code = 0 if float(t.sum()) == 2.0 * 90_000 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
