@@ -95,8 +95,8 @@ pub fn cap_bytes() -> usize {
 }
 
 /// A block of at least `bytes` bytes: an idle one of the same size class if there is one (and no
-/// other thread is using the pool right now), else a new zeroed one (zeroed, so every byte is initialised; fresh pages cost nothing until written).
-/// `None` if the system is out of memory.
+/// other thread is using the pool right now), else a new zeroed one (zeroed, so every byte is
+/// initialised; fresh pages cost nothing until written). `None` if the system is out of memory.
 pub fn take(bytes: usize) -> Option<Block> {
     let size = size_class(bytes);
     if let Some(mut idle) = try_idle() {

@@ -75,20 +75,12 @@ fn topk_rows_keys<F: RankKey>(probs: &[F], e: usize, k: usize, out: &mut [i64], 
     with_best_isa(|| {
         let mut keys: Vec<F::Key> = Vec::with_capacity(e);
         for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)).enumerate() {
-            keys.clear();
-            let mut nan = false;
-            keys.extend(row.iter().enumerate().map(|(j, &v)| {
-                nan |= v.is_nan();
-                F::key(v, j)
-            }));
-            if nan {
+            if fill_keys(&mut keys, row, |v| v.is_nan()) {
                 return nan_error(first_row + r);
             }
             if k <= MAX_SCANS {
                 for d in dst.iter_mut() {
-                    let j = F::index(max_key(&keys, F::MIN_KEY));
-                    keys[j] = F::MIN_KEY;
-                    *d = j as i64;
+                    *d = take_max::<F>(&mut keys) as i64;
                 }
             } else {
                 keys.select_nth_unstable(e - k);
@@ -178,6 +170,27 @@ fn max_key<K: Ord + Copy>(keys: &[K], floor: K) -> K {
     rest.iter().fold(lanes[0], |m, &x| if x > m { x } else { m })
 }
 
+/// Fills `keys` with the (value, index) keys of `row` and, in the same pass and without
+/// branches, reports whether any value is `bad`.
+#[inline(always)]
+fn fill_keys<F: RankKey>(keys: &mut Vec<F::Key>, row: &[F], bad: impl Fn(F) -> bool) -> bool {
+    keys.clear();
+    let mut any = false;
+    keys.extend(row.iter().enumerate().map(|(j, &v)| {
+        any |= bad(v);
+        F::key(v, j)
+    }));
+    any
+}
+
+/// The index of the largest key not yet taken; marks it taken (the minimum key).
+#[inline(always)]
+fn take_max<F: RankKey>(keys: &mut [F::Key]) -> usize {
+    let j = F::index(max_key(keys, F::MIN_KEY));
+    keys[j] = F::MIN_KEY;
+    j
+}
+
 /// NaN or negative (without branches, so the validity pass vectorises).
 #[inline(always)]
 fn invalid_prob<F: Real>(v: F) -> bool {
@@ -232,14 +245,7 @@ pub fn topp_route<F: RankKey>(
                 .zip(counts.iter_mut())
                 .enumerate()
             {
-                // Keys and a branch-free validity check in one pass.
-                keys.clear();
-                let mut bad = false;
-                keys.extend(row.iter().enumerate().map(|(j, &v)| {
-                    bad |= invalid_prob(v);
-                    F::key(v, j)
-                }));
-                if bad {
+                if fill_keys(&mut keys, row, invalid_prob) {
                     let row_no = chunk * rows + r;
                     let v = row.iter().copied().find(|&v| invalid_prob(v)).expect("a bad value");
                     return if v.is_nan() {
@@ -253,9 +259,7 @@ pub fn topp_route<F: RankKey>(
                 let mut kept = 0usize;
                 while kept < max_k && (kept < min_k || acc <= p) {
                     let j = if kept < MAX_SCANS {
-                        let j = F::index(max_key(&keys, F::MIN_KEY));
-                        keys[j] = F::MIN_KEY;
-                        j
+                        take_max::<F>(&mut keys)
                     } else {
                         if kept == MAX_SCANS {
                             // A flat row: sort the keys left once (ascending; pop from the end).

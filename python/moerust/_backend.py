@@ -9,6 +9,7 @@ twins automatically.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from types import ModuleType
@@ -159,12 +160,8 @@ def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     Smaller outputs, other dtypes and a missing extension use ``torch.empty``.
     """
     name = _POOL_DTYPES.get(dtype)
-    if name is not None and _native_module is not None:
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel * (4 if dtype == torch.float32 else 8) >= _POOL_MIN_BYTES:
-            return torch.from_numpy(_native_module.pooled_empty(list(shape), name))
+    if name is not None and _native_module is not None and math.prod(shape) * dtype.itemsize >= _POOL_MIN_BYTES:
+        return torch.from_numpy(_native_module.pooled_empty(list(shape), name))
     return torch.empty(shape, dtype=dtype)
 
 

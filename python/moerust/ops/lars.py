@@ -90,8 +90,7 @@ def lars_(
         (no gradient, or ndim <= 1 without ``include_1d``).
     """
     _checks.one_of(mode, "mode", MODES)
-    if per not in ("tensor", "group"):
-        raise ValueError(f"per must be 'tensor' or 'group', got {per!r}")
+    _checks.one_of(per, "per", ("tensor", "group"))
     eta = _checks.real(eta, "eta", lo=0.0)
     weight_decay = _checks.real(weight_decay, "weight_decay", lo=0.0)
     eps = _checks.real(eps, "eps", lo=0.0)
