@@ -13,13 +13,25 @@ fn main() {
         seed ^= seed << 17;
         (seed >> 40) as f32 / (1u64 << 24) as f32
     };
-    for &(t, e, k) in &[(8192usize, 8usize, 2usize), (8192, 64, 8), (65536, 8, 8), (65536, 64, 8)] {
+    for &(t, e, k) in &[
+        (8192usize, 8usize, 2usize),
+        (8192, 64, 8),
+        (65536, 8, 8),
+        (65536, 64, 8),
+    ] {
         let probs: Vec<f32> = (0..t * e).map(|_| rnd()).collect();
         let mut out = vec![0i64; t * k];
         for threads in [1, 2] {
-            time(&format!("topk t={t} e={e} k={k} threads={threads}"), 20, || {
-                with_team(threads, usize::MAX, || routing::topk_route(&probs, t, e, k, &mut out)).unwrap()
-            });
+            time(
+                &format!("topk t={t} e={e} k={k} threads={threads}"),
+                20,
+                || {
+                    with_team(threads, usize::MAX, || {
+                        routing::topk_route(&probs, t, e, k, &mut out)
+                    })
+                    .unwrap()
+                },
+            );
         }
         let mut idx = vec![0i64; t * e];
         let mut counts = vec![0i64; t];
@@ -31,16 +43,29 @@ fn main() {
             })
             .collect();
         for threads in [1, 2] {
-            time(&format!("topp t={t} e={e} p=0.4 threads={threads}"), 20, || {
-                with_team(threads, usize::MAX, || routing::topp_route(&norm, t, e, &[0.4], 1, e, &mut idx, &mut counts)).unwrap()
-            });
+            time(
+                &format!("topp t={t} e={e} p=0.4 threads={threads}"),
+                20,
+                || {
+                    with_team(threads, usize::MAX, || {
+                        routing::topp_route(&norm, t, e, &[0.4], 1, e, &mut idx, &mut counts)
+                    })
+                    .unwrap()
+                },
+            );
         }
         let ids: Vec<i64> = out.clone();
         for threads in [1, 2] {
-            time(&format!("plan t={t} e={e} k={k} threads={threads}"), 20, || {
-                with_team(threads, usize::MAX, || dispatch::dispatch_plan(&ids, t, k, e, None)).unwrap();
-            });
+            time(
+                &format!("plan t={t} e={e} k={k} threads={threads}"),
+                20,
+                || {
+                    with_team(threads, usize::MAX, || {
+                        dispatch::dispatch_plan(&ids, t, k, e, None)
+                    })
+                    .unwrap();
+                },
+            );
         }
     }
 }
-

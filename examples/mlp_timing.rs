@@ -3,7 +3,9 @@
 mod common;
 use common::time;
 
-use _native::expert_mlp::{act_backward, act_forward, expert_mlp_backward, expert_mlp_forward, Activation, MlpShape};
+use _native::expert_mlp::{
+    act_backward, act_forward, expert_mlp_backward, expert_mlp_forward, Activation, MlpShape,
+};
 use _native::isa::with_best_isa;
 use _native::threads::with_team;
 
@@ -15,12 +17,20 @@ fn activations() {
     let da = vec![0.1f32; rows * f];
     let per = |ms: f64| ms * 1e6 / (rows * f) as f64;
     let t = time("swiglu forward (2048 x 256)", 7, || {
-        with_best_isa(|| h.chunks_exact(2 * f).zip(a.chunks_exact_mut(f)).for_each(|(h, a)| act_forward(Activation::SwiGlu, h, a)))
+        with_best_isa(|| {
+            h.chunks_exact(2 * f)
+                .zip(a.chunks_exact_mut(f))
+                .for_each(|(h, a)| act_forward(Activation::SwiGlu, h, a))
+        })
     });
     println!("  {:.2} ns/element", per(t));
     let t = time("swiglu backward (2048 x 256)", 7, || {
         with_best_isa(|| {
-            for ((h, da), (a, dh)) in h.chunks_exact(2 * f).zip(da.chunks_exact(f)).zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(2 * f))) {
+            for ((h, da), (a, dh)) in h
+                .chunks_exact(2 * f)
+                .zip(da.chunks_exact(f))
+                .zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(2 * f)))
+            {
                 act_backward(Activation::SwiGlu, h, da, a, dh)
             }
         })
@@ -30,10 +40,25 @@ fn activations() {
 
 fn main() {
     activations();
-    let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
-    for &(d, f, e, k, t) in &[(1usize, 256usize, 8usize, 2usize, 1024usize), (64, 256, 8, 2, 1024), (256, 1024, 8, 2, 2048), (256, 512, 64, 8, 2048)] {
+    let threads: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    for &(d, f, e, k, t) in &[
+        (1usize, 256usize, 8usize, 2usize, 1024usize),
+        (64, 256, 8, 2, 1024),
+        (256, 1024, 8, 2, 2048),
+        (512, 2048, 8, 2, 2048),
+        (256, 512, 64, 8, 2048),
+    ] {
         let r = k * t;
-        let s = MlpShape { r, d, e, f, act: Activation::SwiGlu };
+        let s = MlpShape {
+            r,
+            d,
+            e,
+            f,
+            act: Activation::SwiGlu,
+        };
         let per = r / e;
         let offsets: Vec<i64> = (0..=e).map(|i| (i * per).min(r) as i64).collect();
         let mut offsets = offsets;
@@ -43,12 +68,25 @@ fn main() {
         let w2 = vec![0.03f32; e * d * f];
         let mut h = vec![0.0f32; r * 2 * f];
         let mut out = vec![0.0f32; r * d];
-        let (mut dxs, mut dw1, mut dw2) = (vec![0.0f32; r * d], vec![0.0f32; w1.len()], vec![0.0f32; w2.len()]);
+        let (mut dxs, mut dw1, mut dw2) = (
+            vec![0.0f32; r * d],
+            vec![0.0f32; w1.len()],
+            vec![0.0f32; w2.len()],
+        );
         let gflop = 2.0 * 3.0 * (r * d * 2 * f + r * f * d) as f64 / 1e9;
         let name = format!("d={d} f={f} E={e} k={k} T={t} thr={threads}");
-        let fw = time(&format!("{name} fwd"), 7, || with_team(threads, usize::MAX, || expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()));
+        let fw = time(&format!("{name} fwd"), 7, || {
+            with_team(threads, usize::MAX, || {
+                expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()
+            })
+        });
         let bw = time(&format!("{name} bwd"), 7, || {
-            with_team(threads, usize::MAX, || expert_mlp_backward(&s, &out, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2).unwrap())
+            with_team(threads, usize::MAX, || {
+                expert_mlp_backward(
+                    &s, &out, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2,
+                )
+                .unwrap()
+            })
         });
         println!("  {:.1} GFLOP/s", gflop / ((fw + bw) / 1e3));
     }

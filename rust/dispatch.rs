@@ -40,7 +40,11 @@ unsafe impl Sync for DisjointWriter<'_> {}
 
 impl<'a> DisjointWriter<'a> {
     fn new(buf: &'a mut [i64]) -> Self {
-        Self { ptr: buf.as_mut_ptr(), len: buf.len(), _life: std::marker::PhantomData }
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _life: std::marker::PhantomData,
+        }
     }
 
     /// Writes `v` at `i`; callers guarantee no other task writes `i` concurrently.
@@ -54,7 +58,13 @@ impl<'a> DisjointWriter<'a> {
 
 /// Builds the dispatch plan for `idx[t, k]` (-1 = empty slot) over `num_experts` experts. With a
 /// capacity, each expert keeps its first `capacity` slots in token order and drops the rest.
-pub fn dispatch_plan(idx: &[i64], t: usize, k: usize, num_experts: usize, capacity: Option<usize>) -> KResult<Plan> {
+pub fn dispatch_plan(
+    idx: &[i64],
+    t: usize,
+    k: usize,
+    num_experts: usize,
+    capacity: Option<usize>,
+) -> KResult<Plan> {
     check_len("idx", idx.len(), t * k)?;
     if num_experts < 1 {
         return value_err(format!("num_experts must be >= 1, got {num_experts}"));
@@ -74,7 +84,9 @@ pub fn dispatch_plan(idx: &[i64], t: usize, k: usize, num_experts: usize, capaci
             if x >= 0 && (x as usize) < e {
                 h[x as usize] += 1;
             } else if x != -1 {
-                return value_err(format!("idx holds expert {x}, outside [-1, {e}) (num_experts = {e})"));
+                return value_err(format!(
+                    "idx holds expert {x}, outside [-1, {e}) (num_experts = {e})"
+                ));
             }
         }
         Ok(())
@@ -105,8 +117,15 @@ pub fn dispatch_plan(idx: &[i64], t: usize, k: usize, num_experts: usize, capaci
     {
         let tok_w = DisjointWriter::new(&mut row_token);
         let slot_w = DisjointWriter::new(&mut row_slot);
-        let parts: Vec<_> = slot_row.chunks_mut(chunk_slots).zip(idx.chunks(chunk_slots)).zip(base.iter()).collect();
-        try_for_each_part(team_size(), parts, |c, ((rows, slots), base)| -> KResult<()> {
+        let parts: Vec<_> = slot_row
+            .chunks_mut(chunk_slots)
+            .zip(idx.chunks(chunk_slots))
+            .zip(base.iter())
+            .collect();
+        try_for_each_part(
+            team_size(),
+            parts,
+            |c, ((rows, slots), base)| -> KResult<()> {
                 let mut cursor = base.clone();
                 let first = c * chunk_slots;
                 for (i, (&x, row)) in slots.iter().zip(rows.iter_mut()).enumerate() {
@@ -125,28 +144,47 @@ pub fn dispatch_plan(idx: &[i64], t: usize, k: usize, num_experts: usize, capaci
                     }
                 }
                 Ok(())
-            })?;
+            },
+        )?;
     }
-    Ok(Plan { counts, offsets, row_token, row_slot, slot_row, dropped })
+    Ok(Plan {
+        counts,
+        offsets,
+        row_token,
+        row_slot,
+        slot_row,
+        dropped,
+    })
 }
 
 fn row_index(arg: &str, x: i64, bound: usize) -> KResult<usize> {
     if x >= 0 && (x as usize) < bound {
         Ok(x as usize)
     } else {
-        value_err(format!("{arg} holds {x}, outside [0, {bound}): the plan does not match the tensors"))
+        value_err(format!(
+            "{arg} holds {x}, outside [0, {bound}): the plan does not match the tensors"
+        ))
     }
 }
 
 /// `out[r] = x[row_token[r]]` for `x[t, d]`, `out[R, d]`.
-pub fn gather<F: Real>(x: &[F], t: usize, d: usize, row_token: &[i64], out: &mut [F]) -> KResult<()> {
+pub fn gather<F: Real>(
+    x: &[F],
+    t: usize,
+    d: usize,
+    row_token: &[i64],
+    out: &mut [F],
+) -> KResult<()> {
     check_len("x", x.len(), t * d)?;
     check_len("out", out.len(), row_token.len() * d)?;
     if d == 0 || row_token.is_empty() {
         return Ok(());
     }
     let rows = rows_per_task(row_token.len(), d, 1 << 14);
-    let parts: Vec<_> = out.chunks_mut(rows * d).zip(row_token.chunks(rows)).collect();
+    let parts: Vec<_> = out
+        .chunks_mut(rows * d)
+        .zip(row_token.chunks(rows))
+        .collect();
     try_for_each_part(team_size(), parts, |_, (out, toks)| {
         for (dst, &tok) in out.chunks_exact_mut(d).zip(toks) {
             let tok = row_index("plan.row_token", tok, t)?;
@@ -157,13 +195,28 @@ pub fn gather<F: Real>(x: &[F], t: usize, d: usize, row_token: &[i64], out: &mut
 }
 
 /// Backward of `gather`: `out[t] = sum over slots j in order of grad[slot_row[t, j]]`.
-pub fn gather_backward<F: Real>(grad: &[F], r: usize, d: usize, slot_row: &[i64], t: usize, out: &mut [F]) -> KResult<()> {
+pub fn gather_backward<F: Real>(
+    grad: &[F],
+    r: usize,
+    d: usize,
+    slot_row: &[i64],
+    t: usize,
+    out: &mut [F],
+) -> KResult<()> {
     check_len("grad", grad.len(), r * d)?;
     slot_sum(grad, r, d, None, slot_row, t, out)
 }
 
 /// `out[t] = sum over slots j in order of weights[t, j] * ys[slot_row[t, j]]`; empty slots add 0.
-pub fn combine<F: Real>(ys: &[F], r: usize, d: usize, weights: &[F], slot_row: &[i64], t: usize, out: &mut [F]) -> KResult<()> {
+pub fn combine<F: Real>(
+    ys: &[F],
+    r: usize,
+    d: usize,
+    weights: &[F],
+    slot_row: &[i64],
+    t: usize,
+    out: &mut [F],
+) -> KResult<()> {
     check_len("ys", ys.len(), r * d)?;
     check_len("weights", weights.len(), slot_row.len())?;
     slot_sum(ys, r, d, Some(weights), slot_row, t, out)
@@ -171,13 +224,24 @@ pub fn combine<F: Real>(ys: &[F], r: usize, d: usize, weights: &[F], slot_row: &
 
 /// The shared body of `combine` and `gather_backward`: per token, the (weighted) sum of its rows
 /// in slot order, skipping empty slots.
-fn slot_sum<F: Real>(rows_in: &[F], r: usize, d: usize, weights: Option<&[F]>, slot_row: &[i64], t: usize, out: &mut [F]) -> KResult<()> {
+fn slot_sum<F: Real>(
+    rows_in: &[F],
+    r: usize,
+    d: usize,
+    weights: Option<&[F]>,
+    slot_row: &[i64],
+    t: usize,
+    out: &mut [F],
+) -> KResult<()> {
     check_len("out", out.len(), t * d)?;
     if d == 0 || t == 0 {
         return Ok(());
     }
     if slot_row.len() % t != 0 {
-        return value_err(format!("plan.slot_row has {} elements, not a multiple of {t} tokens", slot_row.len()));
+        return value_err(format!(
+            "plan.slot_row has {} elements, not a multiple of {t} tokens",
+            slot_row.len()
+        ));
     }
     let k = slot_row.len() / t;
     if k == 0 {
@@ -185,10 +249,17 @@ fn slot_sum<F: Real>(rows_in: &[F], r: usize, d: usize, weights: Option<&[F]>, s
         return Ok(());
     }
     let rows = rows_per_task(t, k * d, 1 << 14);
-    let parts: Vec<_> = out.chunks_mut(rows * d).zip(slot_row.chunks(rows * k)).collect();
+    let parts: Vec<_> = out
+        .chunks_mut(rows * d)
+        .zip(slot_row.chunks(rows * k))
+        .collect();
     try_for_each_part(team_size(), parts, |chunk, (out, slots)| {
         with_best_isa(|| {
-            for (i, (dst, slots)) in out.chunks_exact_mut(d).zip(slots.chunks_exact(k)).enumerate() {
+            for (i, (dst, slots)) in out
+                .chunks_exact_mut(d)
+                .zip(slots.chunks_exact(k))
+                .enumerate()
+            {
                 dst.fill(F::ZERO);
                 for (j, &row) in slots.iter().enumerate() {
                     if row == -1 {
@@ -276,25 +347,38 @@ pub fn combine_backward<F: Real>(
             .zip(ys.chunks(rows * d))
             .zip(row_token.chunks(rows).zip(row_slot.chunks(rows)))
             .collect();
-        try_for_each_part(team_size(), parts, |_, (((gys, dots), ys), (toks, slots))| with_best_isa(|| {
-                for (((gy, dot_out), y), (&tok, &slot)) in
-                    gys.chunks_exact_mut(d).zip(dots.iter_mut()).zip(ys.chunks_exact(d)).zip(toks.iter().zip(slots))
-                {
-                    let tok = row_index("plan.row_token", tok, t)?;
-                    let slot = row_index("plan.row_slot", slot, n)?;
-                    let g = &grad[tok * d..(tok + 1) * d];
-                    let w = weights[slot];
-                    for (o, &gv) in gy.iter_mut().zip(g) {
-                        *o = w * gv;
+        try_for_each_part(
+            team_size(),
+            parts,
+            |_, (((gys, dots), ys), (toks, slots))| {
+                with_best_isa(|| {
+                    for (((gy, dot_out), y), (&tok, &slot)) in gys
+                        .chunks_exact_mut(d)
+                        .zip(dots.iter_mut())
+                        .zip(ys.chunks_exact(d))
+                        .zip(toks.iter().zip(slots))
+                    {
+                        let tok = row_index("plan.row_token", tok, t)?;
+                        let slot = row_index("plan.row_slot", slot, n)?;
+                        let g = &grad[tok * d..(tok + 1) * d];
+                        let w = weights[slot];
+                        for (o, &gv) in gy.iter_mut().zip(g) {
+                            *o = w * gv;
+                        }
+                        *dot_out = dot(g, y);
                     }
-                    *dot_out = dot(g, y);
-                }
-                Ok(())
-            }))?;
+                    Ok(())
+                })
+            },
+        )?;
     }
     // T*K scalars: not worth a parallel pass.
     for (gw, &row) in grad_w.iter_mut().zip(slot_row) {
-        *gw = if row == -1 { F::ZERO } else { dots[row_index("plan.slot_row", row, r)?] };
+        *gw = if row == -1 {
+            F::ZERO
+        } else {
+            dots[row_index("plan.slot_row", row, r)?]
+        };
     }
     Ok(())
 }
@@ -339,11 +423,17 @@ mod tests {
     #[test]
     fn large_plans_match_a_sequential_sort() {
         let (t, k, e) = (50_000usize, 2usize, 7usize);
-        let idx: Vec<i64> = (0..t * k).map(|i| ((i * 2654435761) % (e + 1)) as i64 - 1).collect();
+        let idx: Vec<i64> = (0..t * k)
+            .map(|i| ((i * 2654435761) % (e + 1)) as i64 - 1)
+            .collect();
         let p = dispatch_plan(&idx, t, k, e, Some(5000)).unwrap();
         let mut expected_tokens = Vec::new();
         for x in 0..e as i64 {
-            let toks: Vec<i64> = (0..t * k).filter(|&i| idx[i] == x).map(|i| (i / k) as i64).take(5000).collect();
+            let toks: Vec<i64> = (0..t * k)
+                .filter(|&i| idx[i] == x)
+                .map(|i| (i / k) as i64)
+                .take(5000)
+                .collect();
             expected_tokens.extend(toks);
         }
         assert_eq!(p.row_token, expected_tokens);
@@ -366,7 +456,18 @@ mod tests {
         assert_eq!(y, vec![0.75, 1.5, 6.0, 8.0]);
         let g = [1.0, 1.0, 1.0, 0.0];
         let (mut gys, mut gw) = (vec![0.0; 6], vec![0.0; 4]);
-        combine_backward(&g, &xs, &w, 2, &p.row_token, &p.row_slot, &p.slot_row, &mut gys, &mut gw).unwrap();
+        combine_backward(
+            &g,
+            &xs,
+            &w,
+            2,
+            &p.row_token,
+            &p.row_slot,
+            &p.slot_row,
+            &mut gys,
+            &mut gw,
+        )
+        .unwrap();
         assert_eq!(gys, vec![0.25, 0.25, 0.5, 0.5, 2.0, 0.0]);
         assert_eq!(gw, vec![3.0, 3.0, 3.0, 0.0]);
     }
@@ -375,9 +476,15 @@ mod tests {
     fn a_team_of_threads_gives_the_same_results() {
         use crate::threads::with_team;
         let (t, k, e, d) = (3000usize, 2usize, 5usize, 48usize);
-        let idx: Vec<i64> = (0..t * k).map(|i| ((i * 7919) % (e + 1)) as i64 - 1).collect();
+        let idx: Vec<i64> = (0..t * k)
+            .map(|i| ((i * 7919) % (e + 1)) as i64 - 1)
+            .collect();
         let p = dispatch_plan(&idx, t, k, e, Some(900)).unwrap();
-        assert_eq!(with_team(4, usize::MAX, || dispatch_plan(&idx, t, k, e, Some(900)).unwrap()), p);
+        assert_eq!(
+            with_team(4, usize::MAX, || dispatch_plan(&idx, t, k, e, Some(900))
+                .unwrap()),
+            p
+        );
         let r = p.row_token.len();
         let x: Vec<f32> = (0..t * d).map(|i| (i % 97) as f32 * 0.01).collect();
         let w: Vec<f32> = (0..t * k).map(|i| (i % 13) as f32 * 0.1).collect();
@@ -390,7 +497,18 @@ mod tests {
                 let mut gx = vec![0.0f32; t * d];
                 gather_backward(&xs, r, d, &p.slot_row, t, &mut gx).unwrap();
                 let (mut gys, mut gw) = (vec![0.0f32; r * d], vec![0.0f32; t * k]);
-                combine_backward(&y, &xs, &w, d, &p.row_token, &p.row_slot, &p.slot_row, &mut gys, &mut gw).unwrap();
+                combine_backward(
+                    &y,
+                    &xs,
+                    &w,
+                    d,
+                    &p.row_token,
+                    &p.row_slot,
+                    &p.slot_row,
+                    &mut gys,
+                    &mut gw,
+                )
+                .unwrap();
                 (xs, y, gx, gys, gw)
             })
         };

@@ -18,7 +18,9 @@ impl fmt::Display for KernelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KernelError::Value(m) | KernelError::Type(m) => f.write_str(m),
-            KernelError::NonFinite { unit, norm } => write!(f, "unit {unit}: gradient norm is not finite ({norm})"),
+            KernelError::NonFinite { unit, norm } => {
+                write!(f, "unit {unit}: gradient norm is not finite ({norm})")
+            }
         }
     }
 }

@@ -16,8 +16,8 @@
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
 use crate::omp_team::for_each_part;
-use crate::threads::team_size;
 use crate::real::Real;
+use crate::threads::team_size;
 
 /// The expert MLP's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,9 @@ impl Activation {
         match name {
             "swiglu" => Ok(Activation::SwiGlu),
             "gelu" => Ok(Activation::Gelu),
-            other => value_err(format!("activation must be 'swiglu' or 'gelu', got {other:?}")),
+            other => value_err(format!(
+                "activation must be 'swiglu' or 'gelu', got {other:?}"
+            )),
         }
     }
 
@@ -67,7 +69,11 @@ pub trait MlpReal: Real + std::ops::Sub<Output = Self> + std::ops::Div<Output = 
     /// A process-wide scratch buffer of exactly `len` elements (contents unspecified); hand it
     /// back with [`MlpReal::give_back`]. A concurrent caller simply gets a fresh one.
     fn take_shared(len: usize) -> Vec<Self> {
-        let mut buf = std::mem::take(&mut *Self::shared_slot().lock().unwrap_or_else(|e| e.into_inner()));
+        let mut buf = std::mem::take(
+            &mut *Self::shared_slot()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         buf.resize(len, Self::ZERO);
         buf
     }
@@ -75,7 +81,9 @@ pub trait MlpReal: Real + std::ops::Sub<Output = Self> + std::ops::Div<Output = 
     /// Returns a buffer from [`MlpReal::take_shared`] for the next call to reuse.
     fn give_back(buf: Vec<Self>) {
         if buf.len() <= KEEP_SHARED {
-            let mut slot = Self::shared_slot().lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = Self::shared_slot()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             // Keep the larger one, so a small call does not evict a big buffer.
             if buf.len() > slot.len() {
                 *slot = buf;
@@ -145,16 +153,18 @@ impl MlpReal for f64 {
 fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
-    // e^88 and e^-87 are within the normal range; beyond them the result saturates to a finite
-    // huge / tiny value (callers only use it in 1 / (1 + e^x), where that is exact enough).
-    // max/min rather than clamp: clamp's NaN rules keep the loop from vectorising. NaN still
-    // propagates through the arithmetic below.
+                                     // e^88 and e^-87 are within the normal range; beyond them the result saturates to a finite
+                                     // huge / tiny value (callers only use it in 1 / (1 + e^x), where that is exact enough).
+                                     // max/min rather than clamp: clamp's NaN rules keep the loop from vectorising. NaN still
+                                     // propagates through the arithmetic below.
     #[allow(clippy::manual_clamp)]
     let x = x.max(-87.0).min(88.0);
     let shifted = x * LOG2E + MAGIC;
     let n = shifted - MAGIC;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
         + 0.5;
     let y = p * r * r + r + 1.0;
     // The low mantissa bits of `shifted` hold n (in [-126, 127]) added to MAGIC's; adding the
@@ -220,7 +230,8 @@ pub fn act_backward<T: MlpReal>(act: Activation, h: &[T], da: &[T], a: &mut [T],
             let (h, da, dh) = (&h[..f], &da[..f], &mut dh[..f]);
             for i in 0..f {
                 let x = h[i];
-                let cdf = half * (T::ONE + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+                let cdf =
+                    half * (T::ONE + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
                 a[i] = x * cdf;
                 let pdf = inv_sqrt_2pi * (T::ZERO - half * x * x).exp();
                 dh[i] = da[i] * (cdf + x * pdf);
@@ -255,11 +266,24 @@ impl Strides {
 
 /// `dst [m, n]` (row-major, rows `dst_rs` apart) `= lhs [m, k] · rhs [k, n]` on one thread.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: MlpReal>(m: usize, n: usize, k: usize, dst: &mut [T], dst_rs: usize, lhs: &[T], ls: Strides, rhs: &[T], rs: Strides) {
+fn matmul<T: MlpReal>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: &[T],
+    ls: Strides,
+    rhs: &[T],
+    rs: Strides,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(Strides::row_major(dst_rs).last_index(m, n) < dst.len(), "matmul: dst too small");
+    assert!(
+        Strides::row_major(dst_rs).last_index(m, n) < dst.len(),
+        "matmul: dst too small"
+    );
     if k == 0 {
         for row in dst.chunks_mut(dst_rs).take(m) {
             row[..n].fill(T::ZERO);
@@ -321,16 +345,51 @@ impl MlpShape {
 fn expert_ranges(offsets: &[i64], s: &MlpShape) -> KResult<Vec<(usize, usize)>> {
     check_len("offsets", offsets.len(), s.e + 1)?;
     if offsets[0] != 0 || offsets[s.e] != s.r as i64 {
-        return value_err(format!("offsets must start at 0 and end at {} (the rows of xs), got {} .. {}", s.r, offsets[0], offsets[s.e]));
+        return value_err(format!(
+            "offsets must start at 0 and end at {} (the rows of xs), got {} .. {}",
+            s.r, offsets[0], offsets[s.e]
+        ));
     }
     let mut ranges = Vec::with_capacity(s.e);
     for w in offsets.windows(2) {
         if w[1] < w[0] {
-            return value_err(format!("offsets must be non-decreasing, got {} then {}", w[0], w[1]));
+            return value_err(format!(
+                "offsets must be non-decreasing, got {} then {}",
+                w[0], w[1]
+            ));
         }
         ranges.push((w[0] as usize, w[1] as usize));
     }
     Ok(ranges)
+}
+
+/// Scratch budget of the backward's `a` and `dh` (bytes): experts are processed in waves whose
+/// rows fit it (or, with many threads, at least two minimum-size tiles per thread). 24 MiB keeps
+/// small layers in one wave (no extra barrier) and the large ones' extra memory small next to the
+/// pre-activations the forward saves.
+const WAVE_SCRATCH_BYTES: usize = 24 << 20;
+
+/// Fewest rows in a tile: the `gemm` crate packs the expert's weights again for every tile, a
+/// cost of about 1/rows of the tile's arithmetic.
+const MIN_TILE_ROWS: usize = 64;
+
+/// Groups consecutive experts into waves `(first, end)` (expert indices) of at most `budget_rows`
+/// rows, each expert whole; every expert belongs to exactly one wave, and experts without rows
+/// join a neighbour's wave.
+fn expert_waves(ranges: &[(usize, usize)], budget_rows: usize) -> Vec<(usize, usize)> {
+    let mut waves = Vec::new();
+    let mut first = 0;
+    for e in 0..ranges.len() {
+        let rows_with_e = ranges[e].1 - ranges[first].0;
+        if e > first && ranges[e].1 > ranges[e].0 && rows_with_e > budget_rows {
+            waves.push((first, e));
+            first = e;
+        }
+    }
+    if first < ranges.len() {
+        waves.push((first, ranges.len()));
+    }
+    waves
 }
 
 /// Splits each expert's rows into tiles of about `rows_per_tile` rows: `(expert, start, end)`.
@@ -355,15 +414,21 @@ fn row_tiles(ranges: &[(usize, usize)], rows_per_tile: usize) -> Vec<(usize, usi
     tiles
 }
 
-/// Rows per tile: about three tiles per thread (uneven experts still balance), but at least 64
-/// rows: the `gemm` crate packs the expert's weights again for every tile, a cost of about
-/// 1/rows of the tile's arithmetic.
+/// Rows per tile: about three tiles per thread (uneven experts still balance), but at least
+/// [`MIN_TILE_ROWS`].
 fn tile_rows(total_rows: usize, threads: usize) -> usize {
-    total_rows.div_ceil(3 * threads).next_multiple_of(16).clamp(64, 512)
+    total_rows
+        .div_ceil(3 * threads)
+        .next_multiple_of(16)
+        .clamp(MIN_TILE_ROWS, 512)
 }
 
 /// Cuts `buf` (rows of `width` entries) into the row ranges of `tiles`, which partition it in order.
-fn split_by_tiles<'a, T>(mut buf: &'a mut [T], width: usize, tiles: &[(usize, usize, usize)]) -> Vec<&'a mut [T]> {
+fn split_by_tiles<'a, T>(
+    mut buf: &'a mut [T],
+    width: usize,
+    tiles: &[(usize, usize, usize)],
+) -> Vec<&'a mut [T]> {
     let mut parts = Vec::with_capacity(tiles.len());
     for &(_, start, end) in tiles {
         let (head, tail) = buf.split_at_mut((end - start) * width);
@@ -400,20 +465,43 @@ pub fn expert_mlp_forward<T: MlpReal>(
     }
     let threads = team_size();
     let tiles = row_tiles(&ranges, tile_rows(s.r, threads));
-    let parts: Vec<_> = split_by_tiles(h, h1, &tiles).into_iter().zip(split_by_tiles(out, d, &tiles)).collect();
+    let parts: Vec<_> = split_by_tiles(h, h1, &tiles)
+        .into_iter()
+        .zip(split_by_tiles(out, d, &tiles))
+        .collect();
     for_each_part(threads, parts, |i, (h, out)| {
         let (e, lo, hi) = tiles[i];
         let n = hi - lo;
         let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
         let w2e = &w2[e * d * f..(e + 1) * d * f];
-        matmul(n, h1, d, h, h1, &xs[lo * d..hi * d], Strides::row_major(d), w1e, Strides::transposed(d));
+        matmul(
+            n,
+            h1,
+            d,
+            h,
+            h1,
+            &xs[lo * d..hi * d],
+            Strides::row_major(d),
+            w1e,
+            Strides::transposed(d),
+        );
         T::with_tile_scratch(n * f, |a| {
             with_best_isa(|| {
                 for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
                     act_forward(s.act, hr, ar);
                 }
             });
-            matmul(n, d, f, out, d, a, Strides::row_major(f), w2e, Strides::transposed(f));
+            matmul(
+                n,
+                d,
+                f,
+                out,
+                d,
+                a,
+                Strides::row_major(f),
+                w2e,
+                Strides::transposed(f),
+            );
         });
     });
     Ok(())
@@ -435,6 +523,29 @@ pub fn expert_mlp_backward<T: MlpReal>(
     dw1: &mut [T],
     dw2: &mut [T],
 ) -> KResult<()> {
+    // The floor keeps every wave at least two minimum-size tiles per thread, so a wave still
+    // spreads over the whole team.
+    let row_bytes = std::mem::size_of::<T>() * (s.f + s.act.h1(s.f));
+    let budget_rows = (WAVE_SCRATCH_BYTES / row_bytes.max(1)).max(2 * MIN_TILE_ROWS * team_size());
+    backward_in_waves(s, grad, xs, h, w1, w2, offsets, dxs, dw1, dw2, budget_rows)
+}
+
+/// [`expert_mlp_backward`] with waves of at most `budget_rows` rows (an expert with more rows
+/// is a wave of its own).
+#[allow(clippy::too_many_arguments)]
+fn backward_in_waves<T: MlpReal>(
+    s: &MlpShape,
+    grad: &[T],
+    xs: &[T],
+    h: &[T],
+    w1: &[T],
+    w2: &[T],
+    offsets: &[i64],
+    dxs: &mut [T],
+    dw1: &mut [T],
+    dw2: &mut [T],
+    budget_rows: usize,
+) -> KResult<()> {
     check_sizes(s, xs, w1, w2)?;
     let (d, f, h1) = (s.d, s.f, s.h1());
     check_len("grad", grad.len(), s.r * d)?;
@@ -444,67 +555,149 @@ pub fn expert_mlp_backward<T: MlpReal>(
     check_len("dw2", dw2.len(), w2.len())?;
     let ranges = expert_ranges(offsets, s)?;
     let threads = team_size();
+    // Experts go through both phases in waves of consecutive experts whose rows fit the scratch
+    // budget (an expert with more rows forms a wave of its own): the scratch for `a` and `dh` is
+    // then one wave's rows rather than all R, which keeps the backward's peak memory near the
+    // dense-active bound's for large layers. Each expert's sums are computed the same way in any
+    // wave, so the waves do not change the results.
+    let waves = expert_waves(&ranges, budget_rows);
+    let wave_rows = waves
+        .iter()
+        .map(|&(lo, hi)| ranges[hi - 1].1 - ranges[lo].0)
+        .max()
+        .unwrap_or(0);
+    let mut scratch = T::take_shared(wave_rows * (f + h1));
+    // dxs rows of each wave, cut off the front as the waves advance.
+    let mut dxs_rest = dxs;
+    let (mut dw1_rest, mut dw2_rest) = (dw1, dw2);
+    for &(e_lo, e_hi) in &waves {
+        let (row0, row1) = (ranges[e_lo].0, ranges[e_hi - 1].1);
+        let n_rows = row1 - row0;
+        let (dx_wave, rest) = std::mem::take(&mut dxs_rest).split_at_mut(n_rows * d);
+        dxs_rest = rest;
+        let (dw1_wave, rest) = std::mem::take(&mut dw1_rest).split_at_mut((e_hi - e_lo) * h1 * d);
+        dw1_rest = rest;
+        let (dw2_wave, rest) = std::mem::take(&mut dw2_rest).split_at_mut((e_hi - e_lo) * d * f);
+        dw2_rest = rest;
+        let (a_all, dh_all) = scratch[..n_rows * (f + h1)].split_at_mut(n_rows * f);
 
-    // Phase 1, per row tile: da = grad W2_e, then a and dh from h, then dxs = dh W1_e.
-    // `a` and `dh` are kept whole: the weight gradients need them summed over all of an expert's rows.
-    let mut scratch = T::take_shared(s.r * (f + h1));
-    let (a_all, dh_all) = scratch.split_at_mut(s.r * f);
-    if s.r > 0 {
-        let tiles = row_tiles(&ranges, tile_rows(s.r, threads));
-        let a_parts = split_by_tiles(a_all, f, &tiles);
-        let dh_parts = split_by_tiles(dh_all, h1, &tiles);
-        let dx_parts = split_by_tiles(dxs, d, &tiles);
-        let parts: Vec<_> = a_parts.into_iter().zip(dh_parts).zip(dx_parts).collect();
-        for_each_part(threads, parts, |i, ((a, dh), dx)| {
-            let (e, lo, hi) = tiles[i];
-            let n = hi - lo;
-            let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
-            let w2e = &w2[e * d * f..(e + 1) * d * f];
-            T::with_tile_scratch(n * f, |da| {
-                matmul(n, f, d, da, f, &grad[lo * d..hi * d], Strides::row_major(d), w2e, Strides::row_major(f));
-                with_best_isa(|| {
-                    let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
-                    for ((hr, dar), (ar, dhr)) in rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1))) {
-                        act_backward(s.act, hr, dar, ar, dhr);
-                    }
+        // Phase 1, per row tile: da = grad W2_e, then a and dh from h, then dxs = dh W1_e.
+        // `a` and `dh` are kept for the wave: the weight gradients need them summed over all of
+        // an expert's rows. Tiles are placed relative to the wave's first row.
+        if n_rows > 0 {
+            let local: Vec<(usize, usize)> = ranges[e_lo..e_hi]
+                .iter()
+                .map(|&(lo, hi)| (lo - row0, hi - row0))
+                .collect();
+            // The tiles of the whole call where a wave still gives each thread one of them: a
+            // small wave does not shrink the tiles (each tile packs its expert's weights again).
+            let rows_per_tile = tile_rows(n_rows, threads)
+                .max(tile_rows(s.r, threads).min(n_rows.div_ceil(threads)));
+            let tiles = row_tiles(&local, rows_per_tile);
+            let a_parts = split_by_tiles(&mut *a_all, f, &tiles);
+            let dh_parts = split_by_tiles(&mut *dh_all, h1, &tiles);
+            let dx_parts = split_by_tiles(&mut *dx_wave, d, &tiles);
+            let parts: Vec<_> = a_parts.into_iter().zip(dh_parts).zip(dx_parts).collect();
+            for_each_part(threads, parts, |i, ((a, dh), dx)| {
+                let (el, lo, hi) = tiles[i];
+                let (e, lo, hi) = (e_lo + el, lo + row0, hi + row0);
+                let n = hi - lo;
+                let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
+                let w2e = &w2[e * d * f..(e + 1) * d * f];
+                T::with_tile_scratch(n * f, |da| {
+                    matmul(
+                        n,
+                        f,
+                        d,
+                        da,
+                        f,
+                        &grad[lo * d..hi * d],
+                        Strides::row_major(d),
+                        w2e,
+                        Strides::row_major(f),
+                    );
+                    with_best_isa(|| {
+                        let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
+                        for ((hr, dar), (ar, dhr)) in
+                            rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1)))
+                        {
+                            act_backward(s.act, hr, dar, ar, dhr);
+                        }
+                    });
                 });
+                matmul(
+                    n,
+                    d,
+                    h1,
+                    dx,
+                    d,
+                    dh,
+                    Strides::row_major(h1),
+                    w1e,
+                    Strides::row_major(d),
+                );
             });
-            matmul(n, d, h1, dx, d, dh, Strides::row_major(h1), w1e, Strides::row_major(d));
+        }
+
+        // Phase 2, per block of output rows of each expert's weight gradients:
+        // dW1_e = dh_e^T xs_e and dW2_e = grad_e^T a_e (a sum over the expert's rows, in row order).
+        // Blocks of equal output size (dW1 rows hold d entries, dW2 rows F), about three per
+        // thread, so the tasks balance; each still spans at least 16 rows.
+        let target = ((h1 + f) * d * (e_hi - e_lo)).div_ceil(3 * threads).max(1);
+        let rows =
+            |width: usize, limit: usize| target.div_ceil(width.max(1)).max(16).min(limit).max(1);
+        let (block1, block2) = (rows(d, h1), rows(f, d));
+        let mut tasks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
+        for (el, (g1, g2)) in dw1_wave
+            .chunks_mut(h1 * d)
+            .zip(dw2_wave.chunks_mut(d * f))
+            .enumerate()
+        {
+            for (i, c) in g1.chunks_mut(block1 * d).enumerate() {
+                tasks.push((e_lo + el, true, i * block1, c));
+            }
+            for (i, c) in g2.chunks_mut(block2 * f).enumerate() {
+                tasks.push((e_lo + el, false, i * block2, c));
+            }
+        }
+        let (a_ref, dh_ref) = (&*a_all, &*dh_all);
+        for_each_part(threads, tasks, |_, (e, is_w1, i0, out)| {
+            let (lo, hi) = ranges[e];
+            let n = hi - lo;
+            if n == 0 {
+                out.fill(T::ZERO); // an expert without rows has zero gradient
+                return;
+            }
+            let (llo, lhi) = (lo - row0, hi - row0); // rows within the wave's scratch
+            if is_w1 {
+                let m = out.len() / d;
+                matmul(
+                    m,
+                    d,
+                    n,
+                    out,
+                    d,
+                    &dh_ref[llo * h1 + i0..lhi * h1],
+                    Strides::transposed(h1),
+                    &xs[lo * d..hi * d],
+                    Strides::row_major(d),
+                );
+            } else {
+                let m = out.len() / f;
+                matmul(
+                    m,
+                    f,
+                    n,
+                    out,
+                    f,
+                    &grad[lo * d + i0..hi * d],
+                    Strides::transposed(d),
+                    &a_ref[llo * f..lhi * f],
+                    Strides::row_major(f),
+                );
+            }
         });
     }
-
-    // Phase 2, per block of output rows of each expert's weight gradients:
-    // dW1_e = dh_e^T xs_e and dW2_e = grad_e^T a_e (a sum over the expert's rows, in row order).
-    // Blocks of equal output size (dW1 rows hold d entries, dW2 rows F), about three per thread,
-    // so the tasks balance; each still spans at least 16 rows.
-    let target = (2 * h1 * d * s.e).div_ceil(3 * threads).max(1);
-    let rows = |width: usize, limit: usize| target.div_ceil(width.max(1)).max(16).min(limit).max(1);
-    let (block1, block2) = (rows(d, h1), rows(f, d));
-    let mut tasks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
-    for (e, (g1, g2)) in dw1.chunks_mut(h1 * d).zip(dw2.chunks_mut(d * f)).enumerate() {
-        for (i, c) in g1.chunks_mut(block1 * d).enumerate() {
-            tasks.push((e, true, i * block1, c));
-        }
-        for (i, c) in g2.chunks_mut(block2 * f).enumerate() {
-            tasks.push((e, false, i * block2, c));
-        }
-    }
-    let (a_ref, dh_ref) = (&*a_all, &*dh_all);
-    for_each_part(threads, tasks, |_, (e, is_w1, i0, out)| {
-        let (lo, hi) = ranges[e];
-        let n = hi - lo;
-        if n == 0 {
-            out.fill(T::ZERO); // an expert without rows has zero gradient
-            return;
-        }
-        if is_w1 {
-            let m = out.len() / d;
-            matmul(m, d, n, out, d, &dh_ref[lo * h1 + i0..hi * h1], Strides::transposed(h1), &xs[lo * d..hi * d], Strides::row_major(d));
-        } else {
-            let m = out.len() / f;
-            matmul(m, f, n, out, f, &grad[lo * d + i0..hi * d], Strides::transposed(d), &a_ref[lo * f..hi * f], Strides::row_major(f));
-        }
-    });
     T::give_back(scratch);
     Ok(())
 }
@@ -515,21 +708,33 @@ mod tests {
     use crate::threads::with_team;
 
     /// Plain triple loops in f64: the reference the kernels are checked against.
-    fn reference(s: &MlpShape, xs: &[f64], w1: &[f64], w2: &[f64], offsets: &[i64], grad: &[f64]) -> [Vec<f64>; 4] {
+    fn reference(
+        s: &MlpShape,
+        xs: &[f64],
+        w1: &[f64],
+        w2: &[f64],
+        offsets: &[i64],
+        grad: &[f64],
+    ) -> [Vec<f64>; 4] {
         let (d, f, h1) = (s.d, s.f, s.h1());
         let mut out = vec![0.0; s.r * d];
-        let (mut dxs, mut dw1, mut dw2) = (vec![0.0; s.r * d], vec![0.0; w1.len()], vec![0.0; w2.len()]);
+        let (mut dxs, mut dw1, mut dw2) =
+            (vec![0.0; s.r * d], vec![0.0; w1.len()], vec![0.0; w2.len()]);
         for e in 0..s.e {
             for r in offsets[e] as usize..offsets[e + 1] as usize {
                 let x = &xs[r * d..(r + 1) * d];
-                let hrow: Vec<f64> = (0..h1).map(|i| (0..d).map(|j| w1[(e * h1 + i) * d + j] * x[j]).sum()).collect();
+                let hrow: Vec<f64> = (0..h1)
+                    .map(|i| (0..d).map(|j| w1[(e * h1 + i) * d + j] * x[j]).sum())
+                    .collect();
                 let mut a = vec![0.0; f];
                 act_forward(s.act, &hrow, &mut a);
                 for i in 0..d {
                     out[r * d + i] = (0..f).map(|j| w2[(e * d + i) * f + j] * a[j]).sum();
                 }
                 let g = &grad[r * d..(r + 1) * d];
-                let da: Vec<f64> = (0..f).map(|j| (0..d).map(|i| g[i] * w2[(e * d + i) * f + j]).sum()).collect();
+                let da: Vec<f64> = (0..f)
+                    .map(|j| (0..d).map(|i| g[i] * w2[(e * d + i) * f + j]).sum())
+                    .collect();
                 let (mut a2, mut dh) = (vec![0.0; f], vec![0.0; h1]);
                 act_backward(s.act, &hrow, &da, &mut a2, &mut dh);
                 for j in 0..d {
@@ -554,7 +759,9 @@ mod tests {
         let mut x = seed;
         (0..n)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 11) as f64 / (1u64 << 53) as f64) - 0.5
             })
             .collect()
@@ -562,21 +769,49 @@ mod tests {
 
     fn check(act: Activation, counts: &[usize], d: usize, f: usize) {
         let r: usize = counts.iter().sum();
-        let s = MlpShape { r, d, e: counts.len(), f, act };
+        let s = MlpShape {
+            r,
+            d,
+            e: counts.len(),
+            f,
+            act,
+        };
         let mut offsets = vec![0i64];
         for &c in counts {
             offsets.push(offsets.last().unwrap() + c as i64);
         }
-        let (xs, w1, w2, grad) = (lcg(r * d, 1), lcg(s.e * s.h1() * d, 2), lcg(s.e * d * f, 3), lcg(r * d, 4));
+        let (xs, w1, w2, grad) = (
+            lcg(r * d, 1),
+            lcg(s.e * s.h1() * d, 2),
+            lcg(s.e * d * f, 3),
+            lcg(r * d, 4),
+        );
         let want = reference(&s, &xs, &w1, &w2, &offsets, &grad);
         let mut h = vec![0.0; r * s.h1()];
         let mut out = vec![0.0; r * d];
-        with_team(3, usize::MAX, || expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out)).unwrap();
-        let (mut dxs, mut dw1, mut dw2) = (vec![0.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
-        with_team(3, usize::MAX, || expert_mlp_backward(&s, &grad, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2)).unwrap();
-        for (name, got, want) in [("out", &out, &want[0]), ("dxs", &dxs, &want[1]), ("dw1", &dw1, &want[2]), ("dw2", &dw2, &want[3])] {
+        with_team(3, usize::MAX, || {
+            expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out)
+        })
+        .unwrap();
+        let (mut dxs, mut dw1, mut dw2) =
+            (vec![0.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
+        with_team(3, usize::MAX, || {
+            expert_mlp_backward(
+                &s, &grad, &xs, &h, &w1, &w2, &offsets, &mut dxs, &mut dw1, &mut dw2,
+            )
+        })
+        .unwrap();
+        for (name, got, want) in [
+            ("out", &out, &want[0]),
+            ("dxs", &dxs, &want[1]),
+            ("dw1", &dw1, &want[2]),
+            ("dw2", &dw2, &want[3]),
+        ] {
             for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
-                assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "{name}[{i}]: {g} vs {w} ({act:?}, {counts:?})");
+                assert!(
+                    (g - w).abs() <= 1e-12 * (1.0 + w.abs()),
+                    "{name}[{i}]: {g} vs {w} ({act:?}, {counts:?})"
+                );
             }
         }
     }
@@ -588,6 +823,67 @@ mod tests {
             check(act, &[1], 1, 1);
             check(act, &[0, 0], 3, 2);
             check(act, &[300, 7, 0, 129], 8, 5); // several tiles per expert
+        }
+    }
+
+    #[test]
+    fn waves_partition_the_experts() {
+        let ranges = [(0, 3), (3, 3), (3, 10), (10, 11), (11, 11)];
+        assert_eq!(expert_waves(&ranges, 4), vec![(0, 2), (2, 3), (3, 5)]);
+        assert_eq!(expert_waves(&ranges, 100), vec![(0, 5)]);
+        assert_eq!(expert_waves(&ranges, 1), vec![(0, 2), (2, 3), (3, 5)]);
+        assert_eq!(expert_waves(&[(0, 0)], 1), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn waves_do_not_change_the_gradients() {
+        let counts = [40usize, 0, 7, 90, 1, 0];
+        let (d, f) = (5, 6);
+        let r: usize = counts.iter().sum();
+        let s = MlpShape {
+            r,
+            d,
+            e: counts.len(),
+            f,
+            act: Activation::SwiGlu,
+        };
+        let mut offsets = vec![0i64];
+        for &c in &counts {
+            offsets.push(offsets.last().unwrap() + c as i64);
+        }
+        let (xs, w1, w2, grad) = (
+            lcg(r * d, 5),
+            lcg(s.e * s.h1() * d, 6),
+            lcg(s.e * d * f, 7),
+            lcg(r * d, 8),
+        );
+        let mut h = vec![0.0; r * s.h1()];
+        let mut out = vec![0.0; r * d];
+        expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap();
+        let run = |budget_rows: usize| {
+            let (mut dxs, mut dw1, mut dw2) =
+                (vec![0.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
+            with_team(3, usize::MAX, || {
+                backward_in_waves(
+                    &s,
+                    &grad,
+                    &xs,
+                    &h,
+                    &w1,
+                    &w2,
+                    &offsets,
+                    &mut dxs,
+                    &mut dw1,
+                    &mut dw2,
+                    budget_rows,
+                )
+            })
+            .unwrap();
+            (dxs, dw1, dw2)
+        };
+        let whole = run(r);
+        for budget in [1, 8, 50, 100] {
+            assert_eq!(run(budget), whole, "budget {budget} rows");
         }
     }
 
@@ -606,17 +902,32 @@ mod tests {
         let (mut a, mut dh) = ([0.0f32], [0.0f32; 2]);
         act_forward(Activation::SwiGlu, &[f32::NAN, 1.0], &mut a);
         assert!(a[0].is_nan());
-        act_backward(Activation::SwiGlu, &[f32::NAN, 1.0], &[1.0], &mut a, &mut dh);
+        act_backward(
+            Activation::SwiGlu,
+            &[f32::NAN, 1.0],
+            &[1.0],
+            &mut a,
+            &mut dh,
+        );
         assert!(a[0].is_nan() && dh[0].is_nan());
     }
 
     #[test]
     fn bad_offsets_are_errors() {
-        let s = MlpShape { r: 2, d: 1, e: 2, f: 1, act: Activation::Gelu };
+        let s = MlpShape {
+            r: 2,
+            d: 1,
+            e: 2,
+            f: 1,
+            act: Activation::Gelu,
+        };
         let (xs, w1, w2) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
         let (mut h, mut out) = (vec![0.0f32; 2], vec![0.0f32; 2]);
         for offsets in [vec![0i64, 2], vec![0, 3, 2], vec![1, 1, 2], vec![0, 1, 3]] {
-            assert!(expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).is_err(), "{offsets:?}");
+            assert!(
+                expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).is_err(),
+                "{offsets:?}"
+            );
         }
         assert!(Activation::parse("relu").is_err());
     }

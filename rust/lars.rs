@@ -20,9 +20,19 @@ const PIECE: usize = 1 << 16;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
     /// `ratio = eta*||w|| / (||g|| + wd*||w|| + eps)`, 1 when either norm is 0; `g <- (g + wd*w)*ratio`.
-    Lars { eta: f64, weight_decay: f64, eps: f64, clip: Option<(f64, f64)> },
+    Lars {
+        eta: f64,
+        weight_decay: f64,
+        eps: f64,
+        clip: Option<(f64, f64)>,
+    },
     /// `scale = clamp(sqrt(target/(||g|| + eps)), lo, hi)`, 1 when ||g|| < 1e-6; `g <- g*scale`.
-    Bidirectional { target: f64, lo: f64, hi: f64, eps: f64 },
+    Bidirectional {
+        target: f64,
+        lo: f64,
+        hi: f64,
+        eps: f64,
+    },
 }
 
 /// Sum of squares in f64, computed blockwise in f32/f64 lanes so the loop vectorises.
@@ -55,7 +65,8 @@ pub fn sum_squares_of<F: Real, const N: usize>(xs: [&[F]; N]) -> [f64; N] {
                         lanes[i] += c[i] * c[i];
                     }
                 }
-                *tot += lanes.iter().map(|v| v.to_f64()).sum::<f64>() + rest.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>();
+                *tot += lanes.iter().map(|v| v.to_f64()).sum::<f64>()
+                    + rest.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>();
             }
         }
         total
@@ -65,7 +76,12 @@ pub fn sum_squares_of<F: Real, const N: usize>(xs: [&[F]; N]) -> [f64; N] {
 /// The ratio for one unit from its weight and gradient norms.
 pub fn ratio(mode: Mode, w_norm: f64, g_norm: f64) -> f64 {
     match mode {
-        Mode::Lars { eta, weight_decay, eps, clip } => {
+        Mode::Lars {
+            eta,
+            weight_decay,
+            eps,
+            clip,
+        } => {
             if w_norm == 0.0 || g_norm == 0.0 {
                 1.0
             } else {
@@ -76,7 +92,12 @@ pub fn ratio(mode: Mode, w_norm: f64, g_norm: f64) -> f64 {
                 }
             }
         }
-        Mode::Bidirectional { target, lo, hi, eps } => {
+        Mode::Bidirectional {
+            target,
+            lo,
+            hi,
+            eps,
+        } => {
             if g_norm < 1e-6 {
                 1.0
             } else {
@@ -89,13 +110,23 @@ pub fn ratio(mode: Mode, w_norm: f64, g_norm: f64) -> f64 {
 /// Scales gradients in place. `weights[i]`/`grads[i]` belong to unit `unit[i]` (a tensor, or a
 /// group of tensors sharing one ratio). Returns the ratio of every unit; on a non-finite gradient
 /// norm returns an error naming the unit (`"unit {u}"`) and leaves every gradient untouched.
-pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[usize], n_units: usize, mode: Mode) -> KResult<Vec<f64>> {
+pub fn scale_grads<F: Real>(
+    weights: &[&[F]],
+    grads: &mut [&mut [F]],
+    unit: &[usize],
+    n_units: usize,
+    mode: Mode,
+) -> KResult<Vec<f64>> {
     if weights.len() != grads.len() || unit.len() != grads.len() {
         return value_err("params: weights, grads and units must have the same length");
     }
     for (i, (w, g)) in weights.iter().zip(grads.iter()).enumerate() {
         if w.len() != g.len() {
-            return value_err(format!("params[{i}]: gradient has {} elements, weight has {}", g.len(), w.len()));
+            return value_err(format!(
+                "params[{i}]: gradient has {} elements, weight has {}",
+                g.len(),
+                w.len()
+            ));
         }
         if unit[i] >= n_units {
             return value_err(format!("params[{i}]: unit {} out of range", unit[i]));
@@ -110,7 +141,11 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
             .iter()
             .zip(grads.iter())
             .enumerate()
-            .flat_map(|(i, (w, g))| w.chunks(PIECE).zip(g.chunks(PIECE)).map(move |(w, g)| (i, w, g)))
+            .flat_map(|(i, (w, g))| {
+                w.chunks(PIECE)
+                    .zip(g.chunks(PIECE))
+                    .map(move |(w, g)| (i, w, g))
+            })
             .collect();
         sq.resize(pieces.len(), (0usize, 0.0f64, 0.0f64));
         let parts: Vec<_> = sq.iter_mut().zip(pieces).collect();
@@ -148,7 +183,9 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
         .zip(unit)
         .flat_map(|((g, w), &u)| {
             let r = F::from_f64(ratios[u]);
-            g.chunks_mut(PIECE).zip(w.chunks(PIECE)).map(move |(g, w)| (r, g, w))
+            g.chunks_mut(PIECE)
+                .zip(w.chunks(PIECE))
+                .map(move |(g, w)| (r, g, w))
         })
         .collect();
     pieces.reverse();
@@ -172,20 +209,35 @@ pub fn scale_grads<F: Real>(weights: &[&[F]], grads: &mut [&mut [F]], unit: &[us
 mod tests {
     use super::*;
 
-    const LARS: Mode = Mode::Lars { eta: 0.5, weight_decay: 0.0, eps: 0.0, clip: None };
+    const LARS: Mode = Mode::Lars {
+        eta: 0.5,
+        weight_decay: 0.0,
+        eps: 0.0,
+        clip: None,
+    };
 
     #[test]
     fn lars_ratio_formula_and_zero_norms() {
         assert_eq!(ratio(LARS, 2.0, 4.0), 0.25);
         assert_eq!(ratio(LARS, 0.0, 4.0), 1.0);
         assert_eq!(ratio(LARS, 2.0, 0.0), 1.0);
-        let clipped = Mode::Lars { eta: 0.5, weight_decay: 0.0, eps: 0.0, clip: Some((0.5, 2.0)) };
+        let clipped = Mode::Lars {
+            eta: 0.5,
+            weight_decay: 0.0,
+            eps: 0.0,
+            clip: Some((0.5, 2.0)),
+        };
         assert_eq!(ratio(clipped, 2.0, 4.0), 0.5);
     }
 
     #[test]
     fn bidirectional_pulls_toward_target() {
-        let m = Mode::Bidirectional { target: 3.0, lo: 0.3, hi: 3.0, eps: 0.0 };
+        let m = Mode::Bidirectional {
+            target: 3.0,
+            lo: 0.3,
+            hi: 3.0,
+            eps: 0.0,
+        };
         assert!((ratio(m, 0.0, 0.75) - 2.0).abs() < 1e-12);
         assert_eq!(ratio(m, 0.0, 1e-7), 1.0);
         assert_eq!(ratio(m, 0.0, 1e6), 0.3);

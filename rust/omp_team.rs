@@ -65,16 +65,28 @@ pub fn for_each_task(threads: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
     }
     if addr == 0 {
         use rayon::prelude::*;
-        with_threads(threads, usize::MAX, || (0..n).into_par_iter().with_max_len(1).for_each(task));
+        with_threads(threads, usize::MAX, || {
+            (0..n).into_par_iter().with_max_len(1).for_each(task)
+        });
         return;
     }
-    let shared = Shared { next: AtomicUsize::new(0), n, task, panicked: AtomicBool::new(false) };
+    let shared = Shared {
+        next: AtomicUsize::new(0),
+        n,
+        task,
+        panicked: AtomicBool::new(false),
+    };
     // SAFETY: `addr` was registered through `set_gomp_parallel`, whose contract is that it is
     // GOMP_parallel; `worker` matches the callback type and `shared` outlives the call, which
     // blocks until the whole team is done.
     unsafe {
         let gomp: GompParallel = std::mem::transmute::<usize, GompParallel>(addr);
-        gomp(worker, &shared as *const Shared<'_> as *mut c_void, threads as u32, 0);
+        gomp(
+            worker,
+            &shared as *const Shared<'_> as *mut c_void,
+            threads as u32,
+            0,
+        );
     }
     if shared.panicked.load(Ordering::Relaxed) {
         panic!("a kernel task panicked on an OpenMP thread");
@@ -87,12 +99,21 @@ struct TaskParts<P>(Vec<std::sync::Mutex<Option<P>>>);
 
 impl<P> TaskParts<P> {
     fn new(parts: impl IntoIterator<Item = P>) -> Self {
-        Self(parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect())
+        Self(
+            parts
+                .into_iter()
+                .map(|p| std::sync::Mutex::new(Some(p)))
+                .collect(),
+        )
     }
 
     /// Takes part `i`; each part can be taken once.
     fn take(&self, i: usize) -> P {
-        self.0[i].lock().unwrap_or_else(|e| e.into_inner()).take().expect("each task part is taken once")
+        self.0[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each task part is taken once")
     }
 }
 
@@ -112,10 +133,16 @@ pub fn try_for_each_part<P: Send, E: Send>(
     let first_err = std::sync::Mutex::new(None);
     for_each_part(threads, parts, |i, part| {
         if let Err(e) = f(i, part) {
-            first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            first_err
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
         }
     });
-    first_err.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(Ok(()), Err)
+    first_err
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

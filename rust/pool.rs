@@ -45,7 +45,12 @@ impl Block {
 impl Drop for Block {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout (see `take`).
-        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.size, ALIGN)) }
+        unsafe {
+            dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.size, ALIGN),
+            )
+        }
     }
 }
 
@@ -54,7 +59,11 @@ impl Drop for Block {
 /// sizes share blocks.
 pub fn size_class(bytes: usize) -> usize {
     let bytes = bytes.max(1);
-    let step = if bytes <= MIN_POOLED { 4096 } else { (bytes.next_power_of_two() / 16).max(4096) };
+    let step = if bytes <= MIN_POOLED {
+        4096
+    } else {
+        (bytes.next_power_of_two() / 16).max(4096)
+    };
     bytes.div_ceil(step) * step
 }
 
@@ -65,7 +74,12 @@ struct Idle {
 
 fn idle_map() -> &'static Mutex<Idle> {
     static IDLE: OnceLock<Mutex<Idle>> = OnceLock::new();
-    IDLE.get_or_init(|| Mutex::new(Idle { blocks: HashMap::new(), bytes: 0 }))
+    IDLE.get_or_init(|| {
+        Mutex::new(Idle {
+            blocks: HashMap::new(),
+            bytes: 0,
+        })
+    })
 }
 
 /// The idle blocks, blocking (for bookkeeping calls).
@@ -89,7 +103,10 @@ fn try_idle() -> Option<MutexGuard<'static, Idle>> {
 pub fn cap_bytes() -> usize {
     static CAP: OnceLock<usize> = OnceLock::new();
     *CAP.get_or_init(|| {
-        let mb = std::env::var("MOERUST_POOL_MB").ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(1024);
+        let mb = std::env::var("MOERUST_POOL_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(1024);
         mb.saturating_mul(1 << 20)
     })
 }

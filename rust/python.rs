@@ -5,8 +5,8 @@
 
 use numpy::ndarray::{ArrayViewD, IxDyn};
 use numpy::{
-    Element, PyArray1, PyArrayDyn, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3,
-    PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayDyn, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
+    PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -27,7 +27,9 @@ impl From<KernelError> for PyErr {
             KernelError::Value(m) => PyValueError::new_err(m),
             KernelError::Type(m) => PyTypeError::new_err(m),
             // args = (message, unit, norm): the Python side names the parameter from the unit index.
-            e @ KernelError::NonFinite { unit, norm } => PyValueError::new_err((e.to_string(), unit, norm)),
+            e @ KernelError::NonFinite { unit, norm } => {
+                PyValueError::new_err((e.to_string(), unit, norm))
+            }
         }
     }
 }
@@ -35,14 +37,16 @@ impl From<KernelError> for PyErr {
 /// Borrows a contiguous slice or raises ValueError naming `arg`.
 macro_rules! slice {
     ($arr:expr, $arg:expr) => {
-        $arr.as_slice().map_err(|_| PyValueError::new_err(format!("{} must be C-contiguous", $arg)))?
+        $arr.as_slice()
+            .map_err(|_| PyValueError::new_err(format!("{} must be C-contiguous", $arg)))?
     };
 }
 
 /// Borrows a contiguous mutable slice or raises ValueError naming `arg`.
 macro_rules! slice_mut {
     ($arr:expr, $arg:expr) => {
-        $arr.as_slice_mut().map_err(|_| PyValueError::new_err(format!("{} must be C-contiguous", $arg)))?
+        $arr.as_slice_mut()
+            .map_err(|_| PyValueError::new_err(format!("{} must be C-contiguous", $arg)))?
     };
 }
 
@@ -53,7 +57,12 @@ const ROUTE_COST: usize = 8;
 /// Runs a kernel of about `work` element operations with the GIL released. Kernels split their
 /// tasks over torch's OpenMP team (`omp_team`), so they run on the calling thread, whose team is
 /// the one torch uses, with at most `threads` threads (fewer for small work).
-fn run_team<R: Send>(py: Python<'_>, threads: usize, work: usize, f: impl FnOnce() -> R + Send) -> R {
+fn run_team<R: Send>(
+    py: Python<'_>,
+    threads: usize,
+    work: usize,
+    f: impl FnOnce() -> R + Send,
+) -> R {
     py.detach(|| with_team(threads, work, f))
 }
 
@@ -67,11 +76,18 @@ macro_rules! float_kernels {
     ($t:ty, $topk:ident, $topp:ident, $gather:ident, $gather_bw:ident, $combine:ident, $combine_bw:ident, $lars:ident) => {
         /// Top-k expert indices into `out [T, k]`.
         #[pyfunction]
-        fn $topk<'py>(py: Python<'py>, probs: PyReadonlyArray2<'py, $t>, mut out: PyReadwriteArray2<'py, i64>, threads: usize) -> PyResult<()> {
+        fn $topk<'py>(
+            py: Python<'py>,
+            probs: PyReadonlyArray2<'py, $t>,
+            mut out: PyReadwriteArray2<'py, i64>,
+            threads: usize,
+        ) -> PyResult<()> {
             let (t, e, k) = (probs.shape()[0], probs.shape()[1], out.shape()[1]);
             let p = slice!(probs, "probs");
             let o = slice_mut!(out, "out");
-            Ok(run_team(py, threads, t * e * ROUTE_COST, || routing::topk_route(p, t, e, k, o))?)
+            Ok(run_team(py, threads, t * e * ROUTE_COST, || {
+                routing::topk_route(p, t, e, k, o)
+            })?)
         }
 
         /// Top-p expert indices into `idx [T, max_k]` (-1 padded) and `counts [T]`; `p` holds one
@@ -89,7 +105,9 @@ macro_rules! float_kernels {
             let (t, e, max_k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
             let (pr, pv) = (slice!(probs, "probs"), slice!(p, "p"));
             let (ix, c) = (slice_mut!(idx, "idx"), slice_mut!(counts, "counts"));
-            Ok(run_team(py, threads, t * e * ROUTE_COST, || routing::topp_route(pr, t, e, pv, min_k, max_k, ix, c))?)
+            Ok(run_team(py, threads, t * e * ROUTE_COST, || {
+                routing::topp_route(pr, t, e, pv, min_k, max_k, ix, c)
+            })?)
         }
 
         /// `out[r] = x[row_token[r]]` into `out [R, d]`.
@@ -104,7 +122,9 @@ macro_rules! float_kernels {
             let (t, d) = (x.shape()[0], x.shape()[1]);
             let (xv, rt) = (slice!(x, "x"), slice!(row_token, "plan.row_token"));
             let o = slice_mut!(out, "out");
-            Ok(run_team(py, threads, rt.len() * d, || dispatch::gather(xv, t, d, rt, o))?)
+            Ok(run_team(py, threads, rt.len() * d, || {
+                dispatch::gather(xv, t, d, rt, o)
+            })?)
         }
 
         /// Backward of gather (per-token sum of its rows in slot order) into `out [T, d]`.
@@ -120,7 +140,9 @@ macro_rules! float_kernels {
             let t = slot_row.shape()[0];
             let (g, sr) = (slice!(grad, "grad"), slice!(slot_row, "plan.slot_row"));
             let o = slice_mut!(out, "out");
-            Ok(run_team(py, threads, (sr.len() + t) * d, || dispatch::gather_backward(g, r, d, sr, t, o))?)
+            Ok(run_team(py, threads, (sr.len() + t) * d, || {
+                dispatch::gather_backward(g, r, d, sr, t, o)
+            })?)
         }
 
         /// `out[t] = sum_j w[t,j] * ys[slot_row[t,j]]` into `out [T, d]`.
@@ -135,9 +157,15 @@ macro_rules! float_kernels {
         ) -> PyResult<()> {
             let (r, d) = (ys.shape()[0], ys.shape()[1]);
             let t = slot_row.shape()[0];
-            let (y, w, sr) = (slice!(ys, "ys"), slice!(weights, "weights"), slice!(slot_row, "plan.slot_row"));
+            let (y, w, sr) = (
+                slice!(ys, "ys"),
+                slice!(weights, "weights"),
+                slice!(slot_row, "plan.slot_row"),
+            );
             let o = slice_mut!(out, "out");
-            Ok(run_team(py, threads, (sr.len() + t) * d, || dispatch::combine(y, r, d, w, sr, t, o))?)
+            Ok(run_team(py, threads, (sr.len() + t) * d, || {
+                dispatch::combine(y, r, d, w, sr, t, o)
+            })?)
         }
 
         /// Backward of combine into `grad_ys [R, d]` and `grad_w [T, K]`.
@@ -156,11 +184,20 @@ macro_rules! float_kernels {
             threads: usize,
         ) -> PyResult<()> {
             let d = ys.shape()[1];
-            let (g, y, w) = (slice!(grad, "grad"), slice!(ys, "ys"), slice!(weights, "weights"));
-            let (rt, rs, sr) =
-                (slice!(row_token, "plan.row_token"), slice!(row_slot, "plan.row_slot"), slice!(slot_row, "plan.slot_row"));
+            let (g, y, w) = (
+                slice!(grad, "grad"),
+                slice!(ys, "ys"),
+                slice!(weights, "weights"),
+            );
+            let (rt, rs, sr) = (
+                slice!(row_token, "plan.row_token"),
+                slice!(row_slot, "plan.row_slot"),
+                slice!(slot_row, "plan.slot_row"),
+            );
             let (gys, gw) = (slice_mut!(grad_ys, "grad_ys"), slice_mut!(grad_w, "grad_w"));
-            Ok(run_team(py, threads, 3 * y.len(), || dispatch::combine_backward(g, y, w, d, rt, rs, sr, gys, gw))?)
+            Ok(run_team(py, threads, 3 * y.len(), || {
+                dispatch::combine_backward(g, y, w, d, rt, rs, sr, gys, gw)
+            })?)
         }
 
         /// LARS / bidirectional scaling of flat gradient buffers in place; returns unit ratios.
@@ -178,39 +215,100 @@ macro_rules! float_kernels {
         ) -> PyResult<Vec<f64>> {
             let (eta, weight_decay, eps, clip, target, lo, hi) = options;
             let mode = match mode {
-                "lars" => lars::Mode::Lars { eta, weight_decay, eps, clip },
-                "bidirectional" => lars::Mode::Bidirectional { target, lo, hi, eps },
-                other => return Err(PyValueError::new_err(format!("mode must be 'lars' or 'bidirectional', got {other:?}"))),
+                "lars" => lars::Mode::Lars {
+                    eta,
+                    weight_decay,
+                    eps,
+                    clip,
+                },
+                "bidirectional" => lars::Mode::Bidirectional {
+                    target,
+                    lo,
+                    hi,
+                    eps,
+                },
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "mode must be 'lars' or 'bidirectional', got {other:?}"
+                    )))
+                }
             };
-            let ws: Vec<PyReadonlyArray1<'py, $t>> =
-                weights.iter().map(|o| o.extract().map_err(|_| PyTypeError::new_err("params: each weight must be a contiguous float array"))).collect::<PyResult<_>>()?;
+            let ws: Vec<PyReadonlyArray1<'py, $t>> = weights
+                .iter()
+                .map(|o| {
+                    o.extract().map_err(|_| {
+                        PyTypeError::new_err("params: each weight must be a contiguous float array")
+                    })
+                })
+                .collect::<PyResult<_>>()?;
             // Borrowing each gradient mutably also rejects the same buffer listed twice.
             let mut gs: Vec<PyReadwriteArray1<'py, $t>> = grads
                 .iter()
-                .map(|o| o.extract().map_err(|_| PyValueError::new_err("params: each gradient must be a distinct writable array")))
+                .map(|o| {
+                    o.extract().map_err(|_| {
+                        PyValueError::new_err(
+                            "params: each gradient must be a distinct writable array",
+                        )
+                    })
+                })
                 .collect::<PyResult<_>>()?;
-            let wsl: Vec<&[$t]> = ws.iter().map(|a| Ok(slice!(a, "params (weight)"))).collect::<PyResult<_>>()?;
+            let wsl: Vec<&[$t]> = ws
+                .iter()
+                .map(|a| Ok(slice!(a, "params (weight)")))
+                .collect::<PyResult<_>>()?;
             let mut gsl: Vec<&mut [$t]> = gs
                 .iter_mut()
-                .map(|a| a.as_slice_mut().map_err(|_| PyValueError::new_err("params (gradient) must be C-contiguous")))
+                .map(|a| {
+                    a.as_slice_mut().map_err(|_| {
+                        PyValueError::new_err("params (gradient) must be C-contiguous")
+                    })
+                })
                 .collect::<PyResult<_>>()?;
             let work = 3 * gsl.iter().map(|g| g.len()).sum::<usize>();
-            Ok(run_team(py, threads, work, || lars::scale_grads(&wsl, &mut gsl, &unit, n_units, mode))?)
+            Ok(run_team(py, threads, work, || {
+                lars::scale_grads(&wsl, &mut gsl, &unit, n_units, mode)
+            })?)
         }
     };
 }
 
-float_kernels!(f32, topk_route_f32, topp_route_f32, gather_f32, gather_backward_f32, combine_f32, combine_backward_f32, lars_f32);
-float_kernels!(f64, topk_route_f64, topp_route_f64, gather_f64, gather_backward_f64, combine_f64, combine_backward_f64, lars_f64);
+float_kernels!(
+    f32,
+    topk_route_f32,
+    topp_route_f32,
+    gather_f32,
+    gather_backward_f32,
+    combine_f32,
+    combine_backward_f32,
+    lars_f32
+);
+float_kernels!(
+    f64,
+    topk_route_f64,
+    topp_route_f64,
+    gather_f64,
+    gather_backward_f64,
+    combine_f64,
+    combine_backward_f64,
+    lars_f64
+);
 
 /// The shape of an expert-MLP call from `xs [R, d]` and `w2 [E, d, F]`.
 fn mlp_shape(xs: &[usize], w2: &[usize], activation: &str) -> PyResult<MlpShape> {
-    Ok(MlpShape { r: xs[0], d: xs[1], e: w2[0], f: w2[2], act: Activation::parse(activation)? })
+    Ok(MlpShape {
+        r: xs[0],
+        d: xs[1],
+        e: w2[0],
+        f: w2[2],
+        act: Activation::parse(activation)?,
+    })
 }
 
 /// Multiply-adds of an expert-MLP forward, for sizing the team.
 fn mlp_work(s: &MlpShape) -> usize {
-    s.r.saturating_mul(s.d).saturating_mul(s.f).saturating_mul(3)
+    s.r.saturating_mul(s.d)
+        .saturating_mul(s.f)
+        .saturating_mul(3)
 }
 
 macro_rules! mlp_kernels {
@@ -230,9 +328,16 @@ macro_rules! mlp_kernels {
             threads: usize,
         ) -> PyResult<()> {
             let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
-            let (x, a, b, off) = (slice!(xs, "xs"), slice!(w1, "w1"), slice!(w2, "w2"), slice!(offsets, "offsets"));
+            let (x, a, b, off) = (
+                slice!(xs, "xs"),
+                slice!(w1, "w1"),
+                slice!(w2, "w2"),
+                slice!(offsets, "offsets"),
+            );
             let (hv, o) = (slice_mut!(h, "h"), slice_mut!(out, "out"));
-            Ok(run_team(py, threads, mlp_work(&s), || expert_mlp::expert_mlp_forward(&s, x, a, b, off, hv, o))?)
+            Ok(run_team(py, threads, mlp_work(&s), || {
+                expert_mlp::expert_mlp_forward(&s, x, a, b, off, hv, o)
+            })?)
         }
 
         /// Expert MLP backward into `dxs [R, d]`, `dw1 [E, H1, d]` and `dw2 [E, d, F]`.
@@ -254,9 +359,19 @@ macro_rules! mlp_kernels {
         ) -> PyResult<()> {
             let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
             let (g, x, hv) = (slice!(grad, "grad"), slice!(xs, "xs"), slice!(h, "h"));
-            let (a, b, off) = (slice!(w1, "w1"), slice!(w2, "w2"), slice!(offsets, "offsets"));
-            let (dx, da, db) = (slice_mut!(dxs, "dxs"), slice_mut!(dw1, "dw1"), slice_mut!(dw2, "dw2"));
-            Ok(run_team(py, threads, 2 * mlp_work(&s), || expert_mlp::expert_mlp_backward(&s, g, x, hv, a, b, off, dx, da, db))?)
+            let (a, b, off) = (
+                slice!(w1, "w1"),
+                slice!(w2, "w2"),
+                slice!(offsets, "offsets"),
+            );
+            let (dx, da, db) = (
+                slice_mut!(dxs, "dxs"),
+                slice_mut!(dw1, "dw1"),
+                slice_mut!(dw2, "dw2"),
+            );
+            Ok(run_team(py, threads, 2 * mlp_work(&s), || {
+                expert_mlp::expert_mlp_backward(&s, g, x, hv, a, b, off, dx, da, db)
+            })?)
         }
     };
 }
@@ -277,7 +392,9 @@ fn dispatch_plan<'py>(
 ) -> PyResult<(Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>, Arr<'py>, i64)> {
     let (t, k) = (idx.shape()[0], idx.shape()[1]);
     let ix = slice!(idx, "idx");
-    let p = run_team(py, threads, 4 * ix.len(), || dispatch::dispatch_plan(ix, t, k, num_experts, capacity))?;
+    let p = run_team(py, threads, 4 * ix.len(), || {
+        dispatch::dispatch_plan(ix, t, k, num_experts, capacity)
+    })?;
     Ok((
         i64_array(py, p.counts),
         i64_array(py, p.offsets),
@@ -315,7 +432,9 @@ fn sliding_window_mask<'py>(
         None => None,
     };
     let o = slice_mut!(out, "out");
-    Ok(run_team(py, threads, o.len() / 8, || window_mask::window_mask(q_len, k_len, w, docs, o))?)
+    Ok(run_team(py, threads, o.len() / 8, || {
+        window_mask::window_mask(q_len, k_len, w, docs, o)
+    })?)
 }
 
 /// Tile summary into `out [B*nq*nk]` (int8 TILE_*); `window = 0` means unbounded.
@@ -339,7 +458,12 @@ fn sliding_window_tiles<'py>(
         None => None,
     };
     let o = slice_mut!(out, "out");
-    Ok(run_team(py, threads, q_len.saturating_mul(w.min(k_len)), || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o))?)
+    Ok(run_team(
+        py,
+        threads,
+        q_len.saturating_mul(w.min(k_len)),
+        || window_mask::window_tiles(q_len, k_len, w, docs, block_q, block_k, o),
+    )?)
 }
 
 /// Owner of a pooled block, kept alive as the base of the numpy array (and so of the torch tensor)
@@ -366,7 +490,8 @@ fn pooled_array<'py, T: Element>(py: Python<'py>, shape: &[usize]) -> PyResult<B
         // Room for the size class to round up (<= 12.5 %) within a valid allocation size.
         .filter(|&b| b <= isize::MAX as usize / 2)
         .ok_or_else(|| PyValueError::new_err(format!("shape {shape:?} is too large")))?;
-    let block = pool::take(bytes).ok_or_else(|| PyMemoryError::new_err(format!("cannot allocate {bytes} bytes")))?;
+    let block = pool::take(bytes)
+        .ok_or_else(|| PyMemoryError::new_err(format!("cannot allocate {bytes} bytes")))?;
     let ptr = block.as_ptr() as *const T;
     // SAFETY: the block is aligned to pool::ALIGN (>= the alignment of T), holds at least `bytes`
     // = prod(shape) * size_of::<T>() bytes, all initialised (zeroed when allocated, or written
@@ -380,12 +505,18 @@ fn pooled_array<'py, T: Element>(py: Python<'py>, shape: &[usize]) -> PyResult<B
 
 /// An uninitialised output array of `shape` from the buffer pool (`dtype`: float32, float64, int64).
 #[pyfunction]
-fn pooled_empty<'py>(py: Python<'py>, shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyAny>> {
+fn pooled_empty<'py>(
+    py: Python<'py>,
+    shape: Vec<usize>,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyAny>> {
     match dtype {
         "float32" => pooled_array::<f32>(py, &shape),
         "float64" => pooled_array::<f64>(py, &shape),
         "int64" => pooled_array::<i64>(py, &shape),
-        other => Err(PyTypeError::new_err(format!("dtype must be float32, float64 or int64, got {other:?}"))),
+        other => Err(PyTypeError::new_err(format!(
+            "dtype must be float32, float64 or int64, got {other:?}"
+        ))),
     }
 }
 

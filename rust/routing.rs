@@ -15,17 +15,28 @@ fn nan_error<T>(row: usize) -> KResult<T> {
 
 /// Writes the indices of the `k` largest entries of each row of `probs[t, e]` into `out[t, k]`,
 /// ordered by descending value, ties by lower index. NaN anywhere is an error.
-pub fn topk_route<F: RankKey>(probs: &[F], t: usize, e: usize, k: usize, out: &mut [i64]) -> KResult<()> {
+pub fn topk_route<F: RankKey>(
+    probs: &[F],
+    t: usize,
+    e: usize,
+    k: usize,
+    out: &mut [i64],
+) -> KResult<()> {
     check_len("probs", probs.len(), t * e)?;
     check_len("out", out.len(), t * k)?;
     if k < 1 || k > e {
-        return value_err(format!("k must be in [1, {e}] (the number of experts), got {k}"));
+        return value_err(format!(
+            "k must be in [1, {e}] (the number of experts), got {k}"
+        ));
     }
     if t == 0 {
         return Ok(());
     }
     let rows = rows_per_task(t, e, 1 << 14);
-    let parts: Vec<_> = out.chunks_mut(rows * k).zip(probs.chunks(rows * e)).collect();
+    let parts: Vec<_> = out
+        .chunks_mut(rows * k)
+        .zip(probs.chunks(rows * e))
+        .collect();
     try_for_each_part(team_size(), parts, |chunk, (out, probs)| {
         let first = chunk * rows;
         // Small k (the common case) and short rows get a fixed-size buffer the compiler unrolls;
@@ -46,8 +57,17 @@ pub fn topk_route<F: RankKey>(probs: &[F], t: usize, e: usize, k: usize, out: &m
 
 /// Top-`K` of each row with a branch-free compare-exchange down a `K`-key buffer: no
 /// data-dependent branches, so random rows cost no mispredictions. `K <= e`, so every place fills.
-fn topk_rows_fixed<F: RankKey, const K: usize>(probs: &[F], e: usize, out: &mut [i64], first_row: usize) -> KResult<()> {
-    for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(K)).enumerate() {
+fn topk_rows_fixed<F: RankKey, const K: usize>(
+    probs: &[F],
+    e: usize,
+    out: &mut [i64],
+    first_row: usize,
+) -> KResult<()> {
+    for (r, (row, dst)) in probs
+        .chunks_exact(e)
+        .zip(out.chunks_exact_mut(K))
+        .enumerate()
+    {
         let mut best = [F::MIN_KEY; K];
         let mut nan = false;
         for (j, &v) in row.iter().enumerate() {
@@ -71,10 +91,20 @@ fn topk_rows_fixed<F: RankKey, const K: usize>(probs: &[F], e: usize, out: &mut 
 
 /// Top-`k` of each row from its (value, index) keys: `k` max scans while k is small, else a
 /// selection of the k largest and a sort of just those.
-fn topk_rows_keys<F: RankKey>(probs: &[F], e: usize, k: usize, out: &mut [i64], first_row: usize) -> KResult<()> {
+fn topk_rows_keys<F: RankKey>(
+    probs: &[F],
+    e: usize,
+    k: usize,
+    out: &mut [i64],
+    first_row: usize,
+) -> KResult<()> {
     with_best_isa(|| {
         let mut keys: Vec<F::Key> = Vec::with_capacity(e);
-        for (r, (row, dst)) in probs.chunks_exact(e).zip(out.chunks_exact_mut(k)).enumerate() {
+        for (r, (row, dst)) in probs
+            .chunks_exact(e)
+            .zip(out.chunks_exact_mut(k))
+            .enumerate()
+        {
             if fill_keys(&mut keys, row, |v| v.is_nan()) {
                 return nan_error(first_row + r);
             }
@@ -163,11 +193,16 @@ fn max_key<K: Ord + Copy>(keys: &[K], floor: K) -> K {
     let mut width = LANES / 2;
     while width > 0 {
         for i in 0..width {
-            lanes[i] = if lanes[i + width] > lanes[i] { lanes[i + width] } else { lanes[i] };
+            lanes[i] = if lanes[i + width] > lanes[i] {
+                lanes[i + width]
+            } else {
+                lanes[i]
+            };
         }
         width /= 2;
     }
-    rest.iter().fold(lanes[0], |m, &x| if x > m { x } else { m })
+    rest.iter()
+        .fold(lanes[0], |m, &x| if x > m { x } else { m })
 }
 
 /// Fills `keys` with the (value, index) keys of `row` and, in the same pass and without
@@ -221,7 +256,10 @@ pub fn topp_route<F: RankKey>(
     check_len("idx", idx.len(), t * max_k)?;
     check_len("counts", counts.len(), t)?;
     if p.len() != 1 && p.len() != t {
-        return value_err(format!("p must hold 1 threshold or one per row ({t}), got {}", p.len()));
+        return value_err(format!(
+            "p must hold 1 threshold or one per row ({t}), got {}",
+            p.len()
+        ));
     }
     if let Some(bad) = p.iter().find(|v| !(0.0..=1.0).contains(*v)) {
         return value_err(format!("p must be in [0, 1], got {bad}"));
@@ -235,7 +273,11 @@ pub fn topp_route<F: RankKey>(
         return Ok(());
     }
     let rows = rows_per_task(t, e, 1 << 14);
-    let parts: Vec<_> = idx.chunks_mut(rows * max_k).zip(counts.chunks_mut(rows)).zip(probs.chunks(rows * e)).collect();
+    let parts: Vec<_> = idx
+        .chunks_mut(rows * max_k)
+        .zip(counts.chunks_mut(rows))
+        .zip(probs.chunks(rows * e))
+        .collect();
     try_for_each_part(team_size(), parts, |chunk, ((idx, counts), probs)| {
         with_best_isa(|| {
             let mut keys: Vec<F::Key> = Vec::with_capacity(e);
@@ -247,14 +289,25 @@ pub fn topp_route<F: RankKey>(
             {
                 if fill_keys(&mut keys, row, invalid_prob) {
                     let row_no = chunk * rows + r;
-                    let v = row.iter().copied().find(|&v| invalid_prob(v)).expect("a bad value");
+                    let v = row
+                        .iter()
+                        .copied()
+                        .find(|&v| invalid_prob(v))
+                        .expect("a bad value");
                     return if v.is_nan() {
                         nan_error(row_no)
                     } else {
-                        value_err(format!("probs must be non-negative, got {} (row {row_no})", v.to_f64()))
+                        value_err(format!(
+                            "probs must be non-negative, got {} (row {row_no})",
+                            v.to_f64()
+                        ))
                     };
                 }
-                let p = if p.len() == 1 { p[0] } else { p[chunk * rows + r] };
+                let p = if p.len() == 1 {
+                    p[0]
+                } else {
+                    p[chunk * rows + r]
+                };
                 let mut acc = 0.0f32;
                 let mut kept = 0usize;
                 while kept < max_k && (kept < min_k || acc <= p) {
@@ -266,7 +319,10 @@ pub fn topp_route<F: RankKey>(
                             keys.retain(|&k| k != F::MIN_KEY);
                             keys.sort_unstable();
                         }
-                        F::index(keys.pop().expect("a kept count below max_k <= E leaves keys"))
+                        F::index(
+                            keys.pop()
+                                .expect("a kept count below max_k <= E leaves keys"),
+                        )
                     };
                     dst[kept] = j as i64;
                     acc += row[j].to_f32();
@@ -340,14 +396,30 @@ mod tests {
 
     #[test]
     fn keys_order_every_value() {
-        let vals = [f32::NEG_INFINITY, -3.0, -0.0, 0.0, 1e-30, 2.0, f32::INFINITY];
+        let vals = [
+            f32::NEG_INFINITY,
+            -3.0,
+            -0.0,
+            0.0,
+            1e-30,
+            2.0,
+            f32::INFINITY,
+        ];
         for w in vals.windows(2) {
-            assert!(f32::key(w[0], 0) <= f32::key(w[1], 0), "{} vs {}", w[0], w[1]);
+            assert!(
+                f32::key(w[0], 0) <= f32::key(w[1], 0),
+                "{} vs {}",
+                w[0],
+                w[1]
+            );
         }
         assert_eq!(f32::key(-0.0, 1), f32::key(0.0, 1));
         assert!(f32::key(1.0, 0) > f32::key(1.0, 1));
         assert_eq!(f64::index(f64::key(-2.5, 17)), 17);
-        assert_eq!(topk(&[-1.0, -0.5, f32::NEG_INFINITY, -0.5], 4, 4), vec![1, 3, 0, 2]);
+        assert_eq!(
+            topk(&[-1.0, -0.5, f32::NEG_INFINITY, -0.5], 4, 4),
+            vec![1, 3, 0, 2]
+        );
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub const MIN_WORK_PER_THREAD: usize = 1 << 17;
 
 /// Threads for a call of `work` element operations asking for `requested` threads.
 pub fn threads_for(requested: usize, work: usize) -> usize {
-    resolve_threads(requested).min(work / MIN_WORK_PER_THREAD).max(1)
+    resolve_threads(requested)
+        .min(work / MIN_WORK_PER_THREAD)
+        .max(1)
 }
 
 /// Runs `f` inside a rayon pool of `threads_for(requested, work)` threads.
@@ -74,7 +76,11 @@ pub fn rows_per_task(rows: usize, work_per_row: usize, min_work: usize) -> usize
     let by_work = min_work.div_ceil(work_per_row.max(1));
     // Inside a team (omp_team kernels) split for the team; else for the current rayon pool.
     let team = TEAM.with(|t| t.get());
-    let threads = if team > 0 { team } else { rayon::current_num_threads().max(1) };
+    let threads = if team > 0 {
+        team
+    } else {
+        rayon::current_num_threads().max(1)
+    };
     // Several tasks per thread so uneven rows still balance.
     let by_balance = rows.div_ceil(threads * 4);
     by_work.max(by_balance).max(1)

@@ -47,7 +47,13 @@ fn key_range(i: usize, q_len: usize, k_len: usize, window: usize) -> (usize, usi
 }
 
 /// Fills `out[b, q_len, k_len]` (b = 1 without documents, else `docs.len() / k_len`).
-pub fn window_mask(q_len: usize, k_len: usize, window: usize, docs: Option<&[i64]>, out: &mut [bool]) -> KResult<()> {
+pub fn window_mask(
+    q_len: usize,
+    k_len: usize,
+    window: usize,
+    docs: Option<&[i64]>,
+    out: &mut [bool],
+) -> KResult<()> {
     check(q_len, k_len, window)?;
     let b = batch(docs, k_len)?;
     check_len("out", out.len(), b * q_len * k_len)?;
@@ -94,7 +100,9 @@ pub fn window_tiles(
 ) -> KResult<()> {
     check(q_len, k_len, window)?;
     if block_q < 1 || block_k < 1 {
-        return value_err(format!("block sizes must be >= 1, got block_q={block_q}, block_k={block_k}"));
+        return value_err(format!(
+            "block sizes must be >= 1, got block_q={block_q}, block_k={block_k}"
+        ));
     }
     let (nq, nk) = (q_len.div_ceil(block_q), k_len.div_ceil(block_k));
     let b = batch(docs, k_len)?;
