@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from moerust import nn as mnn
 from moerust.nn import MoE, MoEConfig
+from moerust.nn.losses import entropy_loss, uniform_mse_loss, z_loss
 
 
 def _expert(layer: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -322,3 +323,24 @@ def test_each_weighted_loss_reaches_the_router(name: str) -> None:
     aux.weighted.backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
     torch.testing.assert_close(aux.weighted.detach(), aux.losses[name].detach())
+
+
+def test_unweighted_losses_are_computed_when_read() -> None:
+    """Zero-weight losses are reported lazily: same values as their formulas, no graph, and still
+    readable after the backward; the weighted one is part of the graph."""
+    layer = MoE(MoEConfig(dim=6, hidden=4, num_experts=4, balance_weight=0.5, z_weight=0.0))
+    x = torch.randn(16, 6)
+    y, aux = layer(x)
+    assert list(aux.losses) == ["balance", "z", "entropy", "uniform"] and len(aux.losses) == 4
+    assert set(aux.losses._values) == {"balance"}  # only the weighted loss was computed
+    assert aux.losses["balance"].requires_grad
+    (y.square().sum() + aux.weighted).backward()
+    r = aux.routing
+    torch.testing.assert_close(aux.losses["z"], z_loss(r.logits).detach())
+    torch.testing.assert_close(aux.losses["entropy"], entropy_loss(r.probs).detach())
+    torch.testing.assert_close(aux.losses["uniform"], uniform_mse_loss(r.probs).detach())
+    assert not aux.losses["z"].requires_grad and not aux.losses["uniform"].requires_grad
+    assert aux.losses["z"] is aux.losses["z"]  # computed once
+    assert "entropy" in repr(aux.losses)
+    with pytest.raises(KeyError):
+        aux.losses["nope"]

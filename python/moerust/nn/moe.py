@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Optional
+from collections.abc import Mapping
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,19 +78,54 @@ class MoEConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+class Losses(Mapping):
+    """The unweighted losses of one pass, by name; each is computed when first read.
+
+    The layer evaluates the weighted losses during its forward (with their graphs); a loss with
+    weight 0 is only reported, so it is computed, without a graph, the first time it is read —
+    a layer whose z, entropy and uniform weights are 0 does not pay for them every step.
+    """
+
+    def __init__(self, formulas: Dict[str, Callable[[], torch.Tensor]]) -> None:
+        self._formulas = formulas
+        self._values: Dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._values:
+            self.evaluate(name, with_graph=False)
+        return self._values[name]
+
+    def evaluate(self, name: str, with_graph: bool) -> torch.Tensor:
+        """Computes loss ``name`` now (with a graph for the backward if ``with_graph``)."""
+        formula = self._formulas[name]  # KeyError for unknown names, as a dict
+        with torch.set_grad_enabled(with_graph):
+            self._values[name] = formula()
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._formulas)
+
+    def __len__(self) -> int:
+        return len(self._formulas)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
 @dataclasses.dataclass
 class MoEAux:
     """What an :class:`MoE` forward reports besides its output.
 
     Attributes:
         losses: unweighted losses by name: ``balance`` (Switch or global-batch), ``z``,
-            ``entropy``, ``uniform``.
+            ``entropy``, ``uniform`` (a read-only mapping; losses with weight 0 are computed,
+            without a graph, when first read).
         weighted: ``sum(weight * loss)`` with the config's weights; add it to the task loss.
         stats: routing statistics of this pass.
         routing: the router's decision (indices, weights, probabilities) for analysis.
     """
 
-    losses: Dict[str, torch.Tensor]
+    losses: "Losses"
     weighted: torch.Tensor
     stats: RoutingStats
     routing: RouterOutput
@@ -191,28 +227,41 @@ class MoE(nn.Module):
         stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
         return y.reshape(shape), MoEAux(losses, weighted, stats, r)
 
-    def _losses(self, r: RouterOutput, counts: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _losses(self, r: RouterOutput, counts: torch.Tensor) -> "Losses":
         c = self.config
         grad = torch.is_grad_enabled()
-        # The mean router probability feeds two losses: computed once, with a graph if either
-        # of them is weighted.
-        with torch.set_grad_enabled(grad and (c.balance_weight > 0 or c.uniform_weight > 0)):
-            p_mean = r.probs.mean(dim=0)
-        # Every loss is reported; only those with a weight build a graph for the backward.
-        with torch.set_grad_enabled(grad and c.balance_weight > 0):
+        weights = {"balance": c.balance_weight, "z": c.z_weight, "entropy": c.entropy_weight, "uniform": c.uniform_weight}
+        p_mean: Optional[torch.Tensor] = None
+
+        def mean_probs() -> torch.Tensor:
+            # Feeds two losses: computed once, with a graph if either of them is weighted.
+            nonlocal p_mean
+            if p_mean is None:
+                with torch.set_grad_enabled(grad and (c.balance_weight > 0 or c.uniform_weight > 0)):
+                    p_mean = r.probs.mean(dim=0)
+            return p_mean
+
+        def balance() -> torch.Tensor:
             if self.global_balance is not None and self.training:
-                balance = self.global_balance.loss(r.probs, r.idx)
-            elif c.balance == "none":
-                balance = r.probs.new_zeros(())
-            else:
-                balance = switch_loss(r.probs, r.idx, counts=counts, p_mean=p_mean)
-        with torch.set_grad_enabled(grad and c.z_weight > 0):
-            z = z_loss(r.logits)
-        with torch.set_grad_enabled(grad and c.entropy_weight > 0):
-            entropy = entropy_loss(r.probs)
-        with torch.set_grad_enabled(grad and c.uniform_weight > 0):
-            uniform = uniform_mse_loss(r.probs, p_mean=p_mean)
-        return {"balance": balance, "z": z, "entropy": entropy, "uniform": uniform}
+                return self.global_balance.loss(r.probs, r.idx)
+            if c.balance == "none":
+                return r.probs.new_zeros(())
+            return switch_loss(r.probs, r.idx, counts=counts, p_mean=mean_probs())
+
+        formulas = {
+            "balance": balance,
+            "z": lambda: z_loss(r.logits),
+            "entropy": lambda: entropy_loss(r.probs),
+            "uniform": lambda: uniform_mse_loss(r.probs, p_mean=mean_probs()),
+        }
+        # Weighted losses now, with a graph for the backward; the others (reported only) when
+        # first read, without one. The global-batch loss also counts this micro-step, so it is
+        # always evaluated now.
+        counts_batch = self.global_balance is not None and self.training
+        losses = Losses(formulas)
+        for name in [n for n, w in weights.items() if w != 0 or (n == "balance" and counts_batch)]:
+            losses.evaluate(name, with_graph=grad and weights[name] != 0)
+        return losses
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
