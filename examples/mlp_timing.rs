@@ -1,4 +1,5 @@
-//! Timings of the expert MLP kernel without Python: `cargo run --release --example mlp_timing [threads]`.
+//! Timings of the expert MLP kernel without Python:
+//! `cargo run --release --example mlp_timing [threads] [skewed]`.
 
 mod common;
 use common::time;
@@ -44,6 +45,8 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    // `skewed` as the second argument: experts of uneven sizes.
+    let skewed = std::env::args().nth(2).is_some_and(|a| a == "skewed");
     for &(d, f, e, k, t) in &[
         (1usize, 256usize, 8usize, 2usize, 1024usize),
         (64, 256, 8, 2, 1024),
@@ -63,6 +66,16 @@ fn main() {
         let offsets: Vec<i64> = (0..=e).map(|i| (i * per).min(r) as i64).collect();
         let mut offsets = offsets;
         offsets[e] = r as i64;
+        if skewed {
+            // Uneven experts, as top-p routing gives: shares falling from 22 % to 6 % (E = 8).
+            let weights: Vec<f64> = (0..e).map(|i| 1.0 / (1.0 + 0.35 * i as f64)).collect();
+            let total: f64 = weights.iter().sum();
+            let mut acc = 0.0;
+            for i in 0..e {
+                offsets[i] = ((acc / total) * r as f64) as i64;
+                acc += weights[i];
+            }
+        }
         let xs = vec![0.01f32; r * d];
         let w1 = vec![0.02f32; e * 2 * f * d];
         let w2 = vec![0.03f32; e * d * f];
@@ -74,7 +87,10 @@ fn main() {
             vec![0.0f32; w2.len()],
         );
         let gflop = 2.0 * 3.0 * (r * d * 2 * f + r * f * d) as f64 / 1e9;
-        let name = format!("d={d} f={f} E={e} k={k} T={t} thr={threads}");
+        let name = format!(
+            "d={d} f={f} E={e} k={k} T={t} thr={threads}{}",
+            if skewed { " skewed" } else { "" }
+        );
         let fw = time(&format!("{name} fwd"), 7, || {
             with_team(threads, usize::MAX, || {
                 expert_mlp_forward(&s, &xs, &w1, &w2, &offsets, &mut h, &mut out).unwrap()

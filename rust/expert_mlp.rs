@@ -423,6 +423,16 @@ fn tile_rows(total_rows: usize, threads: usize) -> usize {
         .clamp(MIN_TILE_ROWS, 512)
 }
 
+/// Pairs each tile's part with the tile's index and orders them by decreasing rows: the team takes
+/// tasks in order, and handing out the largest first keeps the last tasks small, so threads
+/// finish together when experts (and so tiles) differ in size (longest-processing-time order).
+fn largest_first<P>(tiles: &[(usize, usize, usize)], parts: Vec<P>) -> Vec<(usize, P)> {
+    let mut indexed: Vec<(usize, P)> = parts.into_iter().enumerate().collect();
+    // Stable: equal tiles keep their order (and their cache-friendly expert grouping).
+    indexed.sort_by_key(|&(i, _)| std::cmp::Reverse(tiles[i].2 - tiles[i].1));
+    indexed
+}
+
 /// Cuts `buf` (rows of `width` entries) into the row ranges of `tiles`, which partition it in order.
 fn split_by_tiles<'a, T>(
     mut buf: &'a mut [T],
@@ -465,11 +475,14 @@ pub fn expert_mlp_forward<T: MlpReal>(
     }
     let threads = team_size();
     let tiles = row_tiles(&ranges, tile_rows(s.r, threads));
-    let parts: Vec<_> = split_by_tiles(h, h1, &tiles)
-        .into_iter()
-        .zip(split_by_tiles(out, d, &tiles))
-        .collect();
-    for_each_part(threads, parts, |i, (h, out)| {
+    let parts = largest_first(
+        &tiles,
+        split_by_tiles(h, h1, &tiles)
+            .into_iter()
+            .zip(split_by_tiles(out, d, &tiles))
+            .collect(),
+    );
+    for_each_part(threads, parts, |_, (i, (h, out))| {
         let (e, lo, hi) = tiles[i];
         let n = hi - lo;
         let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
@@ -597,8 +610,11 @@ fn backward_in_waves<T: MlpReal>(
             let a_parts = split_by_tiles(&mut *a_all, f, &tiles);
             let dh_parts = split_by_tiles(&mut *dh_all, h1, &tiles);
             let dx_parts = split_by_tiles(&mut *dx_wave, d, &tiles);
-            let parts: Vec<_> = a_parts.into_iter().zip(dh_parts).zip(dx_parts).collect();
-            for_each_part(threads, parts, |i, ((a, dh), dx)| {
+            let parts = largest_first(
+                &tiles,
+                a_parts.into_iter().zip(dh_parts).zip(dx_parts).collect(),
+            );
+            for_each_part(threads, parts, |_, (i, ((a, dh), dx))| {
                 let (el, lo, hi) = tiles[i];
                 let (e, lo, hi) = (e_lo + el, lo + row0, hi + row0);
                 let n = hi - lo;
@@ -660,6 +676,10 @@ fn backward_in_waves<T: MlpReal>(
                 tasks.push((e_lo + el, false, i * block2, c));
             }
         }
+        // Largest first (a block's cost grows with its expert's rows), so the tail balances.
+        tasks.sort_by_key(|&(e, _, _, ref out)| {
+            std::cmp::Reverse((ranges[e].1 - ranges[e].0) * out.len())
+        });
         let (a_ref, dh_ref) = (&*a_all, &*dh_all);
         for_each_part(threads, tasks, |_, (e, is_w1, i0, out)| {
             let (lo, hi) = ranges[e];
