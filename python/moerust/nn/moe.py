@@ -208,9 +208,13 @@ class MoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, c.dim)
         r = self.router(x2)
-        # Top-k routes exactly k slots per token; only top-p needs the count summed.
-        assigned = int(r.counts.sum()) if self.router.routing == "topp" else x2.shape[0] * c.k
-        plan = ops.dispatch_plan(r.idx, c.num_experts, self.capacity(assigned))
+        capacity = None
+        if c.capacity_factor is not None:
+            # Top-k routes exactly k slots per token; only top-p needs the count summed.
+            routed = int(r.counts.sum()) if self.router.routing == "topp" else x2.shape[0] * c.k
+            capacity = self.capacity(routed)
+        plan = ops.dispatch_plan(r.idx, c.num_experts, capacity)
+        assigned = plan.num_rows + plan.dropped  # every routed slot is kept or dropped
         xs = ops.gather(x2, plan)
         ys = self.experts(xs, plan.offsets)
         y = ops.combine(ys, r.weights.to(ys.dtype), plan)
