@@ -8,7 +8,7 @@ threads=${2:-"1 2 4 8 16"}
 full=${3:-"2 16"}
 mkdir -p "$out"
 for n in $threads; do
-  if [[ " $full " == *" $n "* ]]; then sel=(); else sel=(-k "gather_combine and 65536-2-512 or full_dispatch_path or lars or topp_route and 8192-64"); fi
+  if [[ " $full " == *" $n "* ]]; then sel=(); else sel=(-k "gather_combine and 65536-2-512 or full_dispatch_path or lars or topp_route and 8192-64 or softmax and 8192"); fi
   MOERUST_BENCH_THREADS=$n OMP_NUM_THREADS=$n python3 -m pytest benches/test_bench_ops.py -q -p no:cacheprovider --benchmark-only \
     --benchmark-json "$out/bench_t$n.json" "${sel[@]}" | tail -n 2 || echo "some benchmarks failed at $n threads"
 done

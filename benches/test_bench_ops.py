@@ -46,6 +46,25 @@ def softmax_probs(t: int, e: int, scale: float = 1.0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,e", list(itertools.product(TS, [8, 64])))
+def test_softmax_fwd_bwd(benchmark: Any, backend: str, t: int, e: int) -> None:
+    """Router probabilities: softmax forward + backward (the torch twin is torch.softmax)."""
+    g = torch.Generator().manual_seed(t + e)
+    logits = torch.randn(t, e, generator=g, requires_grad=True)
+    up = torch.randn(t, e, generator=g)
+
+    def step():  # type: ignore[no-untyped-def]
+        logits.grad = None
+        probs = ops.softmax(logits)
+        probs.backward(up)
+        return probs.detach(), logits.grad
+
+    key = ("softmax", t, e)
+    run(benchmark, backend, f"softmax fwd+bwd T={t} E={e}", step, key)
+    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-7) for u, v in zip(a, b)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t,e,k", [c for c in itertools.product(TS, [8, 64], [1, 2, 8]) if c[2] <= c[1]])
 def test_topk_route(benchmark: Any, backend: str, t: int, e: int, k: int) -> None:
     probs = softmax_probs(t, e)
@@ -110,7 +129,8 @@ PATH_CASES = [(8192, 8, 2, 64), (8192, 64, 8, 64), (1024, 8, 2, 512), (65536, 8,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t,e,k,d", PATH_CASES if not SMALL else PATH_CASES[:3])
 def test_full_dispatch_path(benchmark: Any, backend: str, t: int, e: int, k: int, d: int) -> None:
-    """softmax -> topk_route -> dispatch_plan -> gather -> combine, forward + backward."""
+    """softmax -> topk_route -> dispatch_plan -> gather -> combine, forward + backward (every
+    step through moerust.ops, so the torch backend is torch.softmax and the torch twins)."""
     logits = torch.randn(t, e, requires_grad=True)
     x = torch.randn(t, d, requires_grad=True)
     up = torch.randn(t, d)
@@ -118,7 +138,7 @@ def test_full_dispatch_path(benchmark: Any, backend: str, t: int, e: int, k: int
     def step():  # type: ignore[no-untyped-def]
         x.grad = None
         logits.grad = None
-        probs = torch.softmax(logits, dim=-1)
+        probs = ops.softmax(logits)
         idx = ops.topk_route(probs, k)
         plan = ops.dispatch_plan(idx, e)
         y = ops.combine(ops.gather(x, plan), probs.gather(1, idx), plan)

@@ -254,36 +254,39 @@ fn slot_sum<F: Real>(
         .zip(slot_row.chunks(rows * k))
         .collect();
     try_for_each_part(team_size(), parts, |chunk, (out, slots)| {
-        with_best_isa(|| {
-            for (i, (dst, slots)) in out
-                .chunks_exact_mut(d)
-                .zip(slots.chunks_exact(k))
-                .enumerate()
-            {
-                dst.fill(F::ZERO);
-                for (j, &row) in slots.iter().enumerate() {
-                    if row == -1 {
-                        continue;
-                    }
-                    let row = row_index("plan.slot_row", row, r)?;
-                    let src = &rows_in[row * d..(row + 1) * d];
-                    match weights {
-                        Some(w) => {
-                            let w = w[(chunk * rows + i) * k + j];
-                            for (a, &y) in dst.iter_mut().zip(src) {
-                                *a += w * y;
-                            }
+        with_best_isa(
+            #[inline(always)]
+            || {
+                for (i, (dst, slots)) in out
+                    .chunks_exact_mut(d)
+                    .zip(slots.chunks_exact(k))
+                    .enumerate()
+                {
+                    dst.fill(F::ZERO);
+                    for (j, &row) in slots.iter().enumerate() {
+                        if row == -1 {
+                            continue;
                         }
-                        None => {
-                            for (a, &y) in dst.iter_mut().zip(src) {
-                                *a += y;
+                        let row = row_index("plan.slot_row", row, r)?;
+                        let src = &rows_in[row * d..(row + 1) * d];
+                        match weights {
+                            Some(w) => {
+                                let w = w[(chunk * rows + i) * k + j];
+                                for (a, &y) in dst.iter_mut().zip(src) {
+                                    *a += w * y;
+                                }
+                            }
+                            None => {
+                                for (a, &y) in dst.iter_mut().zip(src) {
+                                    *a += y;
+                                }
                             }
                         }
                     }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     })
 }
 
@@ -351,24 +354,27 @@ pub fn combine_backward<F: Real>(
             team_size(),
             parts,
             |_, (((gys, dots), ys), (toks, slots))| {
-                with_best_isa(|| {
-                    for (((gy, dot_out), y), (&tok, &slot)) in gys
-                        .chunks_exact_mut(d)
-                        .zip(dots.iter_mut())
-                        .zip(ys.chunks_exact(d))
-                        .zip(toks.iter().zip(slots))
-                    {
-                        let tok = row_index("plan.row_token", tok, t)?;
-                        let slot = row_index("plan.row_slot", slot, n)?;
-                        let g = &grad[tok * d..(tok + 1) * d];
-                        let w = weights[slot];
-                        for (o, &gv) in gy.iter_mut().zip(g) {
-                            *o = w * gv;
+                with_best_isa(
+                    #[inline(always)]
+                    || {
+                        for (((gy, dot_out), y), (&tok, &slot)) in gys
+                            .chunks_exact_mut(d)
+                            .zip(dots.iter_mut())
+                            .zip(ys.chunks_exact(d))
+                            .zip(toks.iter().zip(slots))
+                        {
+                            let tok = row_index("plan.row_token", tok, t)?;
+                            let slot = row_index("plan.row_slot", slot, n)?;
+                            let g = &grad[tok * d..(tok + 1) * d];
+                            let w = weights[slot];
+                            for (o, &gv) in gy.iter_mut().zip(g) {
+                                *o = w * gv;
+                            }
+                            *dot_out = dot(g, y);
                         }
-                        *dot_out = dot(g, y);
-                    }
-                    Ok(())
-                })
+                        Ok(())
+                    },
+                )
             },
         )?;
     }

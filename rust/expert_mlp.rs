@@ -57,6 +57,11 @@ impl Activation {
 pub trait MlpReal: Real + std::ops::Sub<Output = Self> + std::ops::Div<Output = Self> {
     /// 1.
     const ONE: Self;
+    /// -inf.
+    const NEG_INFINITY: Self;
+    /// Below this, [`MlpReal::exp`] is not accurate (the f32 one saturates); callers that need
+    /// `e^x` there use 0.
+    const EXP_MIN: Self;
     /// `e^x`.
     fn exp(self) -> Self;
     /// The error function.
@@ -122,6 +127,8 @@ macro_rules! scratch_impl {
 
 impl MlpReal for f32 {
     const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    const EXP_MIN: Self = -87.0;
     #[inline(always)]
     fn exp(self) -> Self {
         exp_f32(self)
@@ -135,6 +142,8 @@ impl MlpReal for f32 {
 
 impl MlpReal for f64 {
     const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    const EXP_MIN: Self = -746.0;
     #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
@@ -499,11 +508,14 @@ pub fn expert_mlp_forward<T: MlpReal>(
             Strides::transposed(d),
         );
         T::with_tile_scratch(n * f, |a| {
-            with_best_isa(|| {
-                for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
-                    act_forward(s.act, hr, ar);
-                }
-            });
+            with_best_isa(
+                #[inline(always)]
+                || {
+                    for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
+                        act_forward(s.act, hr, ar);
+                    }
+                },
+            );
             matmul(
                 n,
                 d,
@@ -632,14 +644,17 @@ fn backward_in_waves<T: MlpReal>(
                         w2e,
                         Strides::row_major(f),
                     );
-                    with_best_isa(|| {
-                        let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
-                        for ((hr, dar), (ar, dhr)) in
-                            rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1)))
-                        {
-                            act_backward(s.act, hr, dar, ar, dhr);
-                        }
-                    });
+                    with_best_isa(
+                        #[inline(always)]
+                        || {
+                            let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
+                            for ((hr, dar), (ar, dhr)) in
+                                rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1)))
+                            {
+                                act_backward(s.act, hr, dar, ar, dhr);
+                            }
+                        },
+                    );
                 });
                 matmul(
                     n,

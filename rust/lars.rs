@@ -49,28 +49,31 @@ pub fn sum_squares_of<F: Real, const N: usize>(xs: [&[F]; N]) -> [f64; N] {
     const BLOCK: usize = 1024;
     const L: usize = 32;
     let n = xs.iter().map(|x| x.len()).min().unwrap_or(0);
-    with_best_isa(|| {
-        let mut total = [0.0f64; N];
-        for start in (0..n).step_by(BLOCK) {
-            let end = (start + BLOCK).min(n);
-            for (x, tot) in xs.iter().zip(total.iter_mut()) {
-                let b = &x[start..end];
-                let mut lanes = [F::ZERO; L];
-                let chunks = b.chunks_exact(L);
-                let rest = chunks.remainder();
-                for c in chunks {
-                    // A fixed-size view lets the compiler drop bounds checks and vectorise.
-                    let c: &[F; L] = c.try_into().expect("chunks_exact yields L elements");
-                    for i in 0..L {
-                        lanes[i] += c[i] * c[i];
+    with_best_isa(
+        #[inline(always)]
+        || {
+            let mut total = [0.0f64; N];
+            for start in (0..n).step_by(BLOCK) {
+                let end = (start + BLOCK).min(n);
+                for (x, tot) in xs.iter().zip(total.iter_mut()) {
+                    let b = &x[start..end];
+                    let mut lanes = [F::ZERO; L];
+                    let chunks = b.chunks_exact(L);
+                    let rest = chunks.remainder();
+                    for c in chunks {
+                        // A fixed-size view lets the compiler drop bounds checks and vectorise.
+                        let c: &[F; L] = c.try_into().expect("chunks_exact yields L elements");
+                        for i in 0..L {
+                            lanes[i] += c[i] * c[i];
+                        }
                     }
+                    *tot += lanes.iter().map(|v| v.to_f64()).sum::<f64>()
+                        + rest.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>();
                 }
-                *tot += lanes.iter().map(|v| v.to_f64()).sum::<f64>()
-                    + rest.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>();
             }
-        }
-        total
-    })
+            total
+        },
+    )
 }
 
 /// The ratio for one unit from its weight and gradient norms.
@@ -190,17 +193,20 @@ pub fn scale_grads<F: Real>(
         .collect();
     pieces.reverse();
     for_each_part(threads, pieces, |_, (r, g, w)| {
-        with_best_isa(|| {
-            if wd != 0.0 {
-                for (gv, &wv) in g.iter_mut().zip(w) {
-                    *gv = (*gv + wd_f * wv) * r;
+        with_best_isa(
+            #[inline(always)]
+            || {
+                if wd != 0.0 {
+                    for (gv, &wv) in g.iter_mut().zip(w) {
+                        *gv = (*gv + wd_f * wv) * r;
+                    }
+                } else {
+                    for gv in g.iter_mut() {
+                        *gv = *gv * r;
+                    }
                 }
-            } else {
-                for gv in g.iter_mut() {
-                    *gv = *gv * r;
-                }
-            }
-        })
+            },
+        )
     });
     Ok(ratios)
 }

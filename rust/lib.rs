@@ -1,4 +1,4 @@
-//! moerust's native kernels: expert routing, dispatch/combine, LARS-style gradient scaling and
+//! moerust's native kernels: router softmax, expert routing, dispatch/combine, LARS-style gradient scaling and
 //! sliding-window masks. Each module is plain Rust over slices; `python.rs` (feature `python`)
 //! is the only file that knows about Python.
 
@@ -11,6 +11,7 @@ pub mod omp_team;
 pub mod pool;
 pub mod real;
 pub mod routing;
+pub mod softmax;
 pub mod threads;
 pub mod window_mask;
 

@@ -18,6 +18,7 @@ use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
 use crate::pool;
 use crate::routing;
+use crate::softmax;
 use crate::threads::with_team;
 use crate::window_mask;
 
@@ -376,6 +377,46 @@ macro_rules! mlp_kernels {
     };
 }
 
+macro_rules! softmax_kernels {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        /// Softmax of each row of `logits [T, E]` into `out [T, E]`.
+        #[pyfunction]
+        fn $fwd<'py>(
+            py: Python<'py>,
+            logits: PyReadonlyArray2<'py, $t>,
+            mut out: PyReadwriteArray2<'py, $t>,
+            threads: usize,
+        ) -> PyResult<()> {
+            let (t, e) = (logits.shape()[0], logits.shape()[1]);
+            let x = slice!(logits, "logits");
+            let o = slice_mut!(out, "out");
+            Ok(run_team(py, threads, t * e * ROUTE_COST, || {
+                softmax::softmax_rows(x, t, e, o)
+            })?)
+        }
+
+        /// Backward of the row softmax from its output `probs` into `out [T, E]`.
+        #[pyfunction]
+        fn $bwd<'py>(
+            py: Python<'py>,
+            grad: PyReadonlyArray2<'py, $t>,
+            probs: PyReadonlyArray2<'py, $t>,
+            mut out: PyReadwriteArray2<'py, $t>,
+            threads: usize,
+        ) -> PyResult<()> {
+            let (t, e) = (probs.shape()[0], probs.shape()[1]);
+            let (g, p) = (slice!(grad, "grad"), slice!(probs, "probs"));
+            let o = slice_mut!(out, "out");
+            Ok(run_team(py, threads, t * e * 3, || {
+                softmax::softmax_backward_rows(g, p, t, e, o)
+            })?)
+        }
+    };
+}
+
+softmax_kernels!(f32, softmax_f32, softmax_backward_f32);
+softmax_kernels!(f64, softmax_f64, softmax_backward_f64);
+
 mlp_kernels!(f32, expert_mlp_forward_f32, expert_mlp_backward_f32);
 mlp_kernels!(f64, expert_mlp_forward_f64, expert_mlp_backward_f64);
 
@@ -552,6 +593,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TILE_EMPTY", window_mask::TILE_EMPTY)?;
     m.add("TILE_PARTIAL", window_mask::TILE_PARTIAL)?;
     m.add("TILE_FULL", window_mask::TILE_FULL)?;
+    m.add_function(wrap_pyfunction!(softmax_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax_backward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(topk_route_f32, m)?)?;
     m.add_function(wrap_pyfunction!(topk_route_f64, m)?)?;
     m.add_function(wrap_pyfunction!(topp_route_f32, m)?)?;

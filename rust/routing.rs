@@ -98,31 +98,34 @@ fn topk_rows_keys<F: RankKey>(
     out: &mut [i64],
     first_row: usize,
 ) -> KResult<()> {
-    with_best_isa(|| {
-        let mut keys: Vec<F::Key> = Vec::with_capacity(e);
-        for (r, (row, dst)) in probs
-            .chunks_exact(e)
-            .zip(out.chunks_exact_mut(k))
-            .enumerate()
-        {
-            if fill_keys(&mut keys, row, |v| v.is_nan()) {
-                return nan_error(first_row + r);
-            }
-            if k <= MAX_SCANS {
-                for d in dst.iter_mut() {
-                    *d = take_max::<F>(&mut keys) as i64;
+    with_best_isa(
+        #[inline(always)]
+        || {
+            let mut keys: Vec<F::Key> = Vec::with_capacity(e);
+            for (r, (row, dst)) in probs
+                .chunks_exact(e)
+                .zip(out.chunks_exact_mut(k))
+                .enumerate()
+            {
+                if fill_keys(&mut keys, row, |v| v.is_nan()) {
+                    return nan_error(first_row + r);
                 }
-            } else {
-                keys.select_nth_unstable(e - k);
-                let top = &mut keys[e - k..];
-                top.sort_unstable();
-                for (d, &key) in dst.iter_mut().zip(top.iter().rev()) {
-                    *d = F::index(key) as i64;
+                if k <= MAX_SCANS {
+                    for d in dst.iter_mut() {
+                        *d = take_max::<F>(&mut keys) as i64;
+                    }
+                } else {
+                    keys.select_nth_unstable(e - k);
+                    let top = &mut keys[e - k..];
+                    top.sort_unstable();
+                    for (d, &key) in dst.iter_mut().zip(top.iter().rev()) {
+                        *d = F::index(key) as i64;
+                    }
                 }
             }
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )
 }
 
 /// A sort key that orders (value, index) pairs: a larger key ranks first (larger value, then
@@ -279,60 +282,63 @@ pub fn topp_route<F: RankKey>(
         .zip(probs.chunks(rows * e))
         .collect();
     try_for_each_part(team_size(), parts, |chunk, ((idx, counts), probs)| {
-        with_best_isa(|| {
-            let mut keys: Vec<F::Key> = Vec::with_capacity(e);
-            for (r, ((row, dst), count)) in probs
-                .chunks_exact(e)
-                .zip(idx.chunks_exact_mut(max_k))
-                .zip(counts.iter_mut())
-                .enumerate()
-            {
-                if fill_keys(&mut keys, row, invalid_prob) {
-                    let row_no = chunk * rows + r;
-                    let v = row
-                        .iter()
-                        .copied()
-                        .find(|&v| invalid_prob(v))
-                        .expect("a bad value");
-                    return if v.is_nan() {
-                        nan_error(row_no)
+        with_best_isa(
+            #[inline(always)]
+            || {
+                let mut keys: Vec<F::Key> = Vec::with_capacity(e);
+                for (r, ((row, dst), count)) in probs
+                    .chunks_exact(e)
+                    .zip(idx.chunks_exact_mut(max_k))
+                    .zip(counts.iter_mut())
+                    .enumerate()
+                {
+                    if fill_keys(&mut keys, row, invalid_prob) {
+                        let row_no = chunk * rows + r;
+                        let v = row
+                            .iter()
+                            .copied()
+                            .find(|&v| invalid_prob(v))
+                            .expect("a bad value");
+                        return if v.is_nan() {
+                            nan_error(row_no)
+                        } else {
+                            value_err(format!(
+                                "probs must be non-negative, got {} (row {row_no})",
+                                v.to_f64()
+                            ))
+                        };
+                    }
+                    let p = if p.len() == 1 {
+                        p[0]
                     } else {
-                        value_err(format!(
-                            "probs must be non-negative, got {} (row {row_no})",
-                            v.to_f64()
-                        ))
+                        p[chunk * rows + r]
                     };
+                    let mut acc = 0.0f32;
+                    let mut kept = 0usize;
+                    while kept < max_k && (kept < min_k || acc <= p) {
+                        let j = if kept < MAX_SCANS {
+                            take_max::<F>(&mut keys)
+                        } else {
+                            if kept == MAX_SCANS {
+                                // A flat row: sort the keys left once (ascending; pop from the end).
+                                keys.retain(|&k| k != F::MIN_KEY);
+                                keys.sort_unstable();
+                            }
+                            F::index(
+                                keys.pop()
+                                    .expect("a kept count below max_k <= E leaves keys"),
+                            )
+                        };
+                        dst[kept] = j as i64;
+                        acc += row[j].to_f32();
+                        kept += 1;
+                    }
+                    dst[kept..].fill(-1);
+                    *count = kept as i64;
                 }
-                let p = if p.len() == 1 {
-                    p[0]
-                } else {
-                    p[chunk * rows + r]
-                };
-                let mut acc = 0.0f32;
-                let mut kept = 0usize;
-                while kept < max_k && (kept < min_k || acc <= p) {
-                    let j = if kept < MAX_SCANS {
-                        take_max::<F>(&mut keys)
-                    } else {
-                        if kept == MAX_SCANS {
-                            // A flat row: sort the keys left once (ascending; pop from the end).
-                            keys.retain(|&k| k != F::MIN_KEY);
-                            keys.sort_unstable();
-                        }
-                        F::index(
-                            keys.pop()
-                                .expect("a kept count below max_k <= E leaves keys"),
-                        )
-                    };
-                    dst[kept] = j as i64;
-                    acc += row[j].to_f32();
-                    kept += 1;
-                }
-                dst[kept..].fill(-1);
-                *count = kept as i64;
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     })
 }
 

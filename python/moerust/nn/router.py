@@ -133,7 +133,7 @@ class Router(nn.Module):
             logits = logits / self.temperature
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
-        probs = torch.softmax(logits, dim=-1)
+        probs = ops.softmax(logits)
         threshold = None
         if self.routing == "topp":
             p: object = self.p
@@ -153,7 +153,7 @@ class Router(nn.Module):
             scores = scores + self.expert_bias.to(scores.dtype)
         idx = ops.topk_route(scores, self.k)
         if self.routing == "topk_softmax":
-            weights = torch.softmax(logits.gather(1, idx), dim=-1)
+            weights = ops.softmax(logits.gather(1, idx))
         else:
             weights = probs.gather(1, idx)
             if self.renormalize:

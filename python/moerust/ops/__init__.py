@@ -2,6 +2,7 @@
 and as a pure-torch twin with identical semantics otherwise (CUDA tensors, bfloat16/float16, the
 "torch" backend or a missing extension).
 
+* :func:`softmax`: router probabilities (last-axis softmax, differentiable).
 * :func:`topk_route`, :func:`topp_route`: expert selection.
 * :func:`dispatch_plan` -> :class:`Plan`, :func:`gather`, :func:`combine`: token <-> expert
   reordering (gather and combine are differentiable custom ops).
@@ -14,6 +15,7 @@ from .dispatch import Plan, combine, dispatch_plan, gather
 from .experts import expert_mlp
 from .lars import lars_
 from .routing import topk_route, topp_route
+from .softmax import softmax
 from .window import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, sliding_window_mask, sliding_window_tiles
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "lars_",
     "sliding_window_mask",
     "sliding_window_tiles",
+    "softmax",
     "topk_route",
     "topp_route",
 ]
