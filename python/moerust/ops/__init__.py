@@ -15,7 +15,7 @@ from .dispatch import Plan, combine, dispatch_plan, gather
 from .experts import expert_mlp
 from .lars import lars_
 from .routing import topk_route, topp_route
-from .softmax import softmax
+from .router_softmax import softmax
 from .window import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, sliding_window_mask, sliding_window_tiles
 
 __all__ = [

@@ -60,14 +60,23 @@ def _backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
 _softmax_op.register_autograd(_backward, setup_context=_setup)
 
 
+# Fewer rows than this go straight to torch.softmax: the custom op's dispatch (forward and
+# backward) costs more than the whole softmax of a small batch (measured: 0.74-0.94x of torch at
+# T = 1024 on the lent 16-core machine, 1.5-7x faster from T = 8192).
+MIN_KERNEL_ROWS = 2048
+
+
 def softmax(logits: torch.Tensor) -> torch.Tensor:
     """``torch.softmax(logits, dim=-1)`` for logits of any rank >= 1 (differentiable).
 
-    A fast path for router probabilities ``[T, E]``: the rows are independent and short.
+    A fast path for router probabilities ``[T, E]``: the rows are independent and short. Batches
+    of fewer than ``MIN_KERNEL_ROWS`` rows use ``torch.softmax`` itself (same semantics).
     """
     logits = _checks.tensor(logits, "logits")
     if logits.dim() < 1:
         raise ValueError(f"logits must have at least 1 dimension, got shape {tuple(logits.shape)}")
     shape = logits.shape
     rows = logits.reshape(-1, shape[-1]) if logits.dim() != 2 else logits
+    if rows.shape[0] < MIN_KERNEL_ROWS:
+        return torch.softmax(logits, dim=-1)
     return _softmax_op(rows.contiguous()).reshape(shape)
