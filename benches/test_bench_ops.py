@@ -65,6 +65,25 @@ def test_softmax_fwd_bwd(benchmark: Any, backend: str, t: int, e: int) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,e,k", [(t, e, k) for t in TS for e, k in [(8, 2), (64, 8)]])
+def test_route_weights_fwd_bwd(benchmark: Any, backend: str, t: int, e: int, k: int) -> None:
+    """The selected experts' renormalised weights, forward + backward into probs."""
+    probs = softmax_probs(t, e).requires_grad_(True)
+    idx = ops.topk_route(probs.detach(), k)
+    up = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+
+    def step():  # type: ignore[no-untyped-def]
+        probs.grad = None
+        w = ops.route_weights(probs, idx)
+        w.backward(up)
+        return w.detach(), probs.grad
+
+    key = ("route_weights", t, e, k)
+    run(benchmark, backend, f"route_weights fwd+bwd T={t} E={e} k={k}", step, key)
+    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6) for u, v in zip(a, b)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t,e,k", [c for c in itertools.product(TS, [8, 64], [1, 2, 8]) if c[2] <= c[1]])
 def test_topk_route(benchmark: Any, backend: str, t: int, e: int, k: int) -> None:
     probs = softmax_probs(t, e)

@@ -10,6 +10,7 @@ pub mod lars;
 pub mod omp_team;
 pub mod pool;
 pub mod real;
+pub mod route_weights;
 pub mod routing;
 pub mod softmax;
 pub mod threads;

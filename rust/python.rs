@@ -17,6 +17,7 @@ use crate::error::KernelError;
 use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
 use crate::pool;
+use crate::route_weights;
 use crate::routing;
 use crate::softmax;
 use crate::threads::with_team;
@@ -414,6 +415,55 @@ macro_rules! softmax_kernels {
     };
 }
 
+macro_rules! route_weight_kernels {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        /// Weights `out [T, K]` of the slots `idx [T, K]` from `probs [T, E]`.
+        #[pyfunction]
+        fn $fwd<'py>(
+            py: Python<'py>,
+            probs: PyReadonlyArray2<'py, $t>,
+            idx: PyReadonlyArray2<'py, i64>,
+            renormalize: bool,
+            mut out: PyReadwriteArray2<'py, $t>,
+            threads: usize,
+        ) -> PyResult<()> {
+            let (t, e, k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
+            let (p, ix) = (slice!(probs, "probs"), slice!(idx, "idx"));
+            let o = slice_mut!(out, "out");
+            Ok(run_team(py, threads, t * (k + e), || {
+                route_weights::route_weights(p, t, e, ix, k, renormalize, o)
+            })?)
+        }
+
+        /// Gradient `out [T, E]` of the routing weights from their gradient `grad [T, K]`.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments)]
+        fn $bwd<'py>(
+            py: Python<'py>,
+            grad: PyReadonlyArray2<'py, $t>,
+            probs: PyReadonlyArray2<'py, $t>,
+            idx: PyReadonlyArray2<'py, i64>,
+            renormalize: bool,
+            mut out: PyReadwriteArray2<'py, $t>,
+            threads: usize,
+        ) -> PyResult<()> {
+            let (t, e, k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
+            let (g, p, ix) = (
+                slice!(grad, "grad"),
+                slice!(probs, "probs"),
+                slice!(idx, "idx"),
+            );
+            let o = slice_mut!(out, "out");
+            Ok(run_team(py, threads, t * (k + e), || {
+                route_weights::route_weights_backward(g, p, t, e, ix, k, renormalize, o)
+            })?)
+        }
+    };
+}
+
+route_weight_kernels!(f32, route_weights_f32, route_weights_backward_f32);
+route_weight_kernels!(f64, route_weights_f64, route_weights_backward_f64);
+
 softmax_kernels!(f32, softmax_f32, softmax_backward_f32);
 softmax_kernels!(f64, softmax_f64, softmax_backward_f64);
 
@@ -593,6 +643,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TILE_EMPTY", window_mask::TILE_EMPTY)?;
     m.add("TILE_PARTIAL", window_mask::TILE_PARTIAL)?;
     m.add("TILE_FULL", window_mask::TILE_FULL)?;
+    m.add_function(wrap_pyfunction!(route_weights_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(route_weights_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(route_weights_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(route_weights_backward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_f32, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_f64, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_backward_f32, m)?)?;

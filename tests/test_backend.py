@@ -87,12 +87,13 @@ def test_ops_from_four_threads_at_once() -> None:
     def job(seed: int):  # type: ignore[no-untyped-def]
         soft = ops.softmax(logits)
         idx = ops.topk_route(probs, 2)
+        weights = ops.route_weights(probs, idx)
         pidx, counts = ops.topp_route(probs, 0.5)
         plan = ops.dispatch_plan(idx, 16, capacity=3000)
         w = probs.gather(1, idx)
         y = ops.combine(ops.gather(x, plan), w, plan)
         mask = ops.sliding_window_mask(256, 512, 64)
-        return soft, idx, pidx, counts, plan.slot_row, y, mask
+        return soft, idx, weights, pidx, counts, plan.slot_row, y, mask
 
     with moerust.use_backend("rust"):
         expected = job(0)

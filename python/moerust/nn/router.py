@@ -141,12 +141,13 @@ class Router(nn.Module):
                 threshold = 0.1 + 0.6 * torch.sigmoid(self.threshold(x).squeeze(-1))
                 p = threshold
             idx, counts = ops.topp_route(probs, p, min_k=self.min_k, max_k=self.max_k)  # type: ignore[arg-type]
-            used = idx >= 0
-            weights = probs.gather(1, idx.clamp(min=0)) * used
-            if threshold is not None:
-                weights = weights * _threshold_gate(probs, idx, threshold)
-            if self.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+            if threshold is None:
+                weights = ops.route_weights(probs, idx, self.renormalize)
+            else:
+                # The learned threshold's gate multiplies in before the renormalisation.
+                weights = ops.route_weights(probs, idx, renormalize=False) * _threshold_gate(probs, idx, threshold)
+                if self.renormalize:
+                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)
             return RouterOutput(logits, probs, idx, weights, counts, threshold)
         scores = logits if self.routing == "topk_softmax" else probs
         if self.bias_balance:
@@ -155,9 +156,7 @@ class Router(nn.Module):
         if self.routing == "topk_softmax":
             weights = ops.softmax(logits.gather(1, idx))
         else:
-            weights = probs.gather(1, idx)
-            if self.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = ops.route_weights(probs, idx, self.renormalize)
         counts = torch.full((x.shape[0],), self.k, dtype=torch.int64, device=x.device)
         return RouterOutput(logits, probs, idx, weights, counts)
 

@@ -3,7 +3,8 @@ and as a pure-torch twin with identical semantics otherwise (CUDA tensors, bfloa
 "torch" backend or a missing extension).
 
 * :func:`softmax`: router probabilities (last-axis softmax, differentiable).
-* :func:`topk_route`, :func:`topp_route`: expert selection.
+* :func:`topk_route`, :func:`topp_route`: expert selection; :func:`route_weights`: their weights
+  (differentiable).
 * :func:`dispatch_plan` -> :class:`Plan`, :func:`gather`, :func:`combine`: token <-> expert
   reordering (gather and combine are differentiable custom ops).
 * :func:`expert_mlp`: every expert's MLP over its rows (differentiable).
@@ -14,6 +15,7 @@ and as a pure-torch twin with identical semantics otherwise (CUDA tensors, bfloa
 from .dispatch import Plan, combine, dispatch_plan, gather
 from .experts import expert_mlp
 from .lars import lars_
+from .route_weights import route_weights
 from .routing import topk_route, topp_route
 from .router_softmax import softmax
 from .window import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, sliding_window_mask, sliding_window_tiles
@@ -28,6 +30,7 @@ __all__ = [
     "expert_mlp",
     "gather",
     "lars_",
+    "route_weights",
     "sliding_window_mask",
     "sliding_window_tiles",
     "softmax",
