@@ -44,9 +44,10 @@ class EagerExpertsMoE(MoE):
             h = activate(F.linear(x2[tok], self.experts.w1[e]), c.activation)
             out = F.linear(h, self.experts.w2[e]) * r.weights[tok, slot, None]
             y.index_add_(0, tok, out.to(y.dtype))
-        losses = self._losses(r, torch.bincount(r.idx.flatten(), minlength=c.num_experts))
+        counts = torch.bincount(r.idx.flatten(), minlength=c.num_experts)
+        losses = self._losses(r, counts, c.loss_weights())
         weighted = c.balance_weight * losses["balance"]
-        stats = self.stats.update(torch.bincount(r.idx.flatten(), minlength=c.num_experts), x2.shape[0], int(r.counts.sum()), 0)
+        stats = self.stats.update(counts, x2.shape[0], int(r.counts.sum()), 0)
         return y.reshape(x.shape), MoEAux(losses, weighted, stats, r)
 
 

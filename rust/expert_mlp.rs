@@ -448,13 +448,17 @@ fn split_by_tiles<'a, T>(
     width: usize,
     tiles: &[(usize, usize, usize)],
 ) -> Vec<&'a mut [T]> {
-    let mut parts = Vec::with_capacity(tiles.len());
-    for &(_, start, end) in tiles {
-        let (head, tail) = buf.split_at_mut((end - start) * width);
-        parts.push(head);
-        buf = tail;
-    }
-    parts
+    tiles
+        .iter()
+        .map(|&(_, start, end)| take_front(&mut buf, (end - start) * width))
+        .collect()
+}
+
+/// Cuts the first `n` entries off `rest` and returns them; `rest` keeps the remainder.
+fn take_front<'a, T>(rest: &mut &'a mut [T], n: usize) -> &'a mut [T] {
+    let (head, tail) = std::mem::take(rest).split_at_mut(n);
+    *rest = tail;
+    head
 }
 
 fn check_sizes<T>(s: &MlpShape, xs: &[T], w1: &[T], w2: &[T]) -> KResult<()> {
@@ -592,18 +596,14 @@ fn backward_in_waves<T: MlpReal>(
         .max()
         .unwrap_or(0);
     let mut scratch = T::take_shared(wave_rows * (f + h1));
-    // dxs rows of each wave, cut off the front as the waves advance.
-    let mut dxs_rest = dxs;
-    let (mut dw1_rest, mut dw2_rest) = (dw1, dw2);
+    // Each wave's rows of dxs and experts of dw1 / dw2, cut off the front as the waves advance.
+    let (mut dxs_rest, mut dw1_rest, mut dw2_rest) = (dxs, dw1, dw2);
     for &(e_lo, e_hi) in &waves {
         let (row0, row1) = (ranges[e_lo].0, ranges[e_hi - 1].1);
         let n_rows = row1 - row0;
-        let (dx_wave, rest) = std::mem::take(&mut dxs_rest).split_at_mut(n_rows * d);
-        dxs_rest = rest;
-        let (dw1_wave, rest) = std::mem::take(&mut dw1_rest).split_at_mut((e_hi - e_lo) * h1 * d);
-        dw1_rest = rest;
-        let (dw2_wave, rest) = std::mem::take(&mut dw2_rest).split_at_mut((e_hi - e_lo) * d * f);
-        dw2_rest = rest;
+        let dx_wave = take_front(&mut dxs_rest, n_rows * d);
+        let dw1_wave = take_front(&mut dw1_rest, (e_hi - e_lo) * h1 * d);
+        let dw2_wave = take_front(&mut dw2_rest, (e_hi - e_lo) * d * f);
         let (a_all, dh_all) = scratch[..n_rows * (f + h1)].split_at_mut(n_rows * f);
 
         // Phase 1, per row tile: da = grad W2_e, then a and dh from h, then dxs = dh W1_e.

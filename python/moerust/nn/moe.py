@@ -64,6 +64,10 @@ class MoEConfig:
     uniform_weight: float = 0.0
     stats_beta: float = 0.99
 
+    def loss_weights(self) -> Dict[str, float]:
+        """The weight of each loss of :attr:`MoEAux.losses`, by name."""
+        return {"balance": self.balance_weight, "z": self.z_weight, "entropy": self.entropy_weight, "uniform": self.uniform_weight}
+
     def __post_init__(self) -> None:
         if self.dim < 1 or self.hidden < 1:
             raise ValueError(f"dim and hidden must be >= 1, got dim={self.dim}, hidden={self.hidden}")
@@ -221,8 +225,8 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x2)
         counts = plan.counts if plan.capacity is None else expert_counts(r.idx, c.num_experts)
-        losses = self._losses(r, counts)
-        weights = {"balance": c.balance_weight, "z": c.z_weight, "entropy": c.entropy_weight, "uniform": c.uniform_weight}
+        weights = c.loss_weights()
+        losses = self._losses(r, counts, weights)
         # Zero-weight losses are reported but left out of the sum (and of the backward).
         terms = [w * losses[name] for name, w in weights.items() if w != 0]
         weighted = sum(terms[1:], terms[0]) if terms else r.probs.new_zeros(())
@@ -231,10 +235,9 @@ class MoE(nn.Module):
         stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
         return y.reshape(shape), MoEAux(losses, weighted, stats, r)
 
-    def _losses(self, r: RouterOutput, counts: torch.Tensor) -> "Losses":
+    def _losses(self, r: RouterOutput, counts: torch.Tensor, weights: Dict[str, float]) -> "Losses":
         c = self.config
         grad = torch.is_grad_enabled()
-        weights = {"balance": c.balance_weight, "z": c.z_weight, "entropy": c.entropy_weight, "uniform": c.uniform_weight}
         p_mean: Optional[torch.Tensor] = None
 
         def mean_probs() -> torch.Tensor:

@@ -67,3 +67,11 @@ def fields_at_least(config: object, names: Sequence[str], lo: int) -> None:
         value = getattr(config, name)
         if int(value) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {value}")
+
+
+def expert_indices(idx: torch.Tensor, num_experts: int, detail: str) -> None:
+    """Checks that every entry of ``idx`` is an expert in [0, E) or -1 (an empty slot);
+    ``detail`` ends the message (where E comes from)."""
+    bad = (idx < -1) | (idx >= num_experts)
+    if bool(bad.any()):
+        raise ValueError(f"idx holds expert {int(idx[bad][0])}, outside [-1, {num_experts}) ({detail})")

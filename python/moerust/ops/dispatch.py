@@ -93,10 +93,7 @@ def dispatch_plan_torch(idx: torch.Tensor, num_experts: int, capacity: Optional[
     """The torch twin of :func:`dispatch_plan` (a stable argsort of the expert keys)."""
     idx = idx.to(torch.int64)
     flat = idx.reshape(-1)
-    bad = (flat < -1) | (flat >= num_experts)
-    if bool(bad.any()):
-        value = int(flat[bad][0])
-        raise ValueError(f"idx holds expert {value}, outside [-1, {num_experts}) (num_experts = {num_experts})")
+    _checks.expert_indices(flat, num_experts, f"num_experts = {num_experts}")
     dev = idx.device
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))  # empty slots sort last
     order = torch.sort(key, stable=True).indices

@@ -22,9 +22,7 @@ MIN_SUM = 1e-20
 
 
 def _check_idx_range(idx: torch.Tensor, num_experts: int) -> None:
-    bad = (idx < -1) | (idx >= num_experts)
-    if bool(bad.any()):
-        raise ValueError(f"idx holds expert {int(idx[bad][0])}, outside [-1, {num_experts}) (probs has {num_experts} experts)")
+    _checks.expert_indices(idx, num_experts, f"probs has {num_experts} experts")
 
 
 def _forward_torch(probs: torch.Tensor, idx: torch.Tensor, renormalize: bool) -> torch.Tensor:
