@@ -8,7 +8,7 @@
 //! already mapped. It is the CPU counterpart of a CUDA caching allocator, for our outputs only.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -67,19 +67,55 @@ pub fn size_class(bytes: usize) -> usize {
     bytes.div_ceil(step) * step
 }
 
+/// The idle blocks by size class, each class's blocks in the order they came back, plus that
+/// order across classes, so that a full pool makes room by freeing the blocks idle the longest.
+///
+/// Why evict rather than refuse: a workload that moves to new shapes (the next benchmark case, a
+/// larger batch) would otherwise find the pool full of blocks it no longer asks for, and every one
+/// of its outputs would fault in fresh pages again.
+#[derive(Default)]
 struct Idle {
-    blocks: HashMap<usize, Vec<Block>>,
+    blocks: HashMap<usize, Vec<(u64, Block)>>,
+    /// `return tick -> size class` of every idle block, oldest first.
+    order: BTreeMap<u64, usize>,
+    tick: u64,
     bytes: usize,
+}
+
+impl Idle {
+    /// The most recently returned idle block of size class `size`.
+    fn pop(&mut self, size: usize) -> Option<Block> {
+        let (tick, block) = self.blocks.get_mut(&size)?.pop()?;
+        self.order.remove(&tick);
+        self.bytes -= block.size;
+        Some(block)
+    }
+
+    /// Keeps `block`, freeing the longest-idle blocks while the total would exceed `cap`; a block
+    /// larger than `cap` itself is freed.
+    fn push(&mut self, block: Block, cap: usize) {
+        if block.size > cap {
+            return;
+        }
+        while self.bytes + block.size > cap {
+            let Some((_, size)) = self.order.pop_first() else {
+                break;
+            };
+            // Each class's blocks are in return order, so the oldest overall is its class's first.
+            let class = self.blocks.get_mut(&size).expect("ordered blocks are idle");
+            let (_, old) = class.remove(0);
+            self.bytes -= old.size;
+        }
+        self.tick += 1;
+        self.order.insert(self.tick, block.size);
+        self.bytes += block.size;
+        self.blocks.entry(block.size).or_default().push((self.tick, block));
+    }
 }
 
 fn idle_map() -> &'static Mutex<Idle> {
     static IDLE: OnceLock<Mutex<Idle>> = OnceLock::new();
-    IDLE.get_or_init(|| {
-        Mutex::new(Idle {
-            blocks: HashMap::new(),
-            bytes: 0,
-        })
-    })
+    IDLE.get_or_init(|| Mutex::new(Idle::default()))
 }
 
 /// The idle blocks, blocking (for bookkeeping calls).
@@ -117,8 +153,7 @@ pub fn cap_bytes() -> usize {
 pub fn take(bytes: usize) -> Option<Block> {
     let size = size_class(bytes);
     if let Some(mut idle) = try_idle() {
-        if let Some(block) = idle.blocks.get_mut(&size).and_then(Vec::pop) {
-            idle.bytes -= block.size;
+        if let Some(block) = idle.pop(size) {
             return Some(block);
         }
     }
@@ -128,14 +163,12 @@ pub fn take(bytes: usize) -> Option<Block> {
     Some(Block { ptr, size })
 }
 
-/// Returns a block to the pool, or frees it if the idle blocks would exceed the cap (or another
-/// thread is using the pool right now).
+/// Returns a block to the pool, freeing the longest-idle blocks if the idle bytes would exceed the
+/// cap; frees `block` itself if it is larger than the cap (or another thread is using the pool).
 pub fn give(block: Block) {
     if let Some(mut idle) = try_idle() {
-        if idle.bytes + block.size <= cap_bytes() {
-            idle.bytes += block.size;
-            idle.blocks.entry(block.size).or_default().push(block);
-        }
+        let cap = cap_bytes();
+        idle.push(block, cap);
     }
     // Otherwise `block` drops here and goes back to the system allocator.
 }
@@ -150,6 +183,7 @@ pub fn clear() -> usize {
     let mut idle = idle();
     let freed = idle.bytes;
     idle.blocks.clear();
+    idle.order.clear();
     idle.bytes = 0;
     freed
 }
@@ -185,5 +219,30 @@ mod tests {
         assert_eq!(again.as_ptr(), ptr, "same size class reuses the idle block");
         give(again);
         assert!(idle_bytes() >= 777_777);
+    }
+
+    #[test]
+    fn a_full_pool_frees_the_longest_idle_blocks() {
+        let mut idle = Idle::default();
+        let cap = 3 * 8192;
+        let first = take(8192).unwrap();
+        let first_ptr = first.as_ptr();
+        idle.push(first, cap);
+        idle.push(take(8192).unwrap(), cap);
+        idle.push(take(4096).unwrap(), cap);
+        assert_eq!(idle.bytes, 20480);
+        // A new class that does not fit evicts the oldest 8 KiB block, not the new one.
+        idle.push(take(12288).unwrap(), cap);
+        assert_eq!(idle.bytes, 8192 + 4096 + 12288);
+        assert!(idle.pop(12288).is_some());
+        let kept = idle.pop(8192).unwrap();
+        assert_ne!(kept.as_ptr(), first_ptr, "the longest-idle block went first");
+        assert!(idle.pop(8192).is_none());
+        assert_eq!(idle.order.len(), 1);
+        // A block larger than the cap is not kept and evicts nothing.
+        idle.push(take(cap + 4096).unwrap(), cap);
+        assert_eq!(idle.bytes, 4096);
+        assert!(idle.pop(4096).is_some());
+        assert_eq!((idle.bytes, idle.order.len()), (0, 0));
     }
 }

@@ -54,6 +54,12 @@ pub fn with_threads<R: Send>(requested: usize, work: usize, f: impl FnOnce() -> 
 
 thread_local! {
     static TEAM: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static FULL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The thread count asked for by the enclosing [`with_team`] (before sizing by work), or 0.
+pub fn full_team() -> usize {
+    FULL.with(|t| t.get())
 }
 
 /// Runs `f` on this thread with `threads_for(requested, work)` as the team size that
@@ -61,8 +67,10 @@ thread_local! {
 pub fn with_team<R>(requested: usize, work: usize, f: impl FnOnce() -> R) -> R {
     let n = threads_for(requested, work);
     let before = TEAM.with(|t| t.replace(n));
+    let before_full = FULL.with(|t| t.replace(resolve_threads(requested)));
     let out = f();
     TEAM.with(|t| t.set(before));
+    FULL.with(|t| t.set(before_full));
     out
 }
 
