@@ -8,6 +8,7 @@ use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
 use crate::omp_team::try_for_each_part;
 use crate::real::Real;
+use crate::stream;
 use crate::threads::{rows_per_task, team_size};
 
 /// The result of `dispatch_plan`. All vectors are int64 so they map straight onto torch tensors.
@@ -180,17 +181,25 @@ pub fn gather<F: Real>(
     if d == 0 || row_token.is_empty() {
         return Ok(());
     }
+    let nt = stream::worth_streaming(std::mem::size_of_val(out));
     let rows = rows_per_task(row_token.len(), d, 1 << 14);
     let parts: Vec<_> = out
         .chunks_mut(rows * d)
         .zip(row_token.chunks(rows))
         .collect();
     try_for_each_part(team_size(), parts, |_, (out, toks)| {
-        for (dst, &tok) in out.chunks_exact_mut(d).zip(toks) {
-            let tok = row_index("plan.row_token", tok, t)?;
-            dst.copy_from_slice(&x[tok * d..(tok + 1) * d]);
+        let copied = out
+            .chunks_exact_mut(d)
+            .zip(toks)
+            .try_for_each(|(dst, &tok)| {
+                let tok = row_index("plan.row_token", tok, t)?;
+                stream::copy(dst, &x[tok * d..(tok + 1) * d], nt);
+                Ok(())
+            });
+        if nt {
+            stream::fence();
         }
-        Ok(())
+        copied
     })
 }
 
@@ -248,13 +257,16 @@ fn slot_sum<F: Real>(
         out.fill(F::ZERO);
         return Ok(());
     }
+    // A large output is summed in a row buffer and streamed out (see `stream`).
+    let nt = stream::worth_streaming(std::mem::size_of_val(out));
     let rows = rows_per_task(t, k * d, 1 << 14);
     let parts: Vec<_> = out
         .chunks_mut(rows * d)
         .zip(slot_row.chunks(rows * k))
         .collect();
     try_for_each_part(team_size(), parts, |chunk, (out, slots)| {
-        with_best_isa(
+        let mut acc = vec![F::ZERO; if nt { d } else { 0 }];
+        let summed = with_best_isa(
             #[inline(always)]
             || {
                 for (i, (dst, slots)) in out
@@ -262,7 +274,8 @@ fn slot_sum<F: Real>(
                     .zip(slots.chunks_exact(k))
                     .enumerate()
                 {
-                    dst.fill(F::ZERO);
+                    let sum: &mut [F] = if nt { &mut acc } else { &mut *dst };
+                    sum.fill(F::ZERO);
                     for (j, &row) in slots.iter().enumerate() {
                         if row == -1 {
                             continue;
@@ -272,21 +285,28 @@ fn slot_sum<F: Real>(
                         match weights {
                             Some(w) => {
                                 let w = w[(chunk * rows + i) * k + j];
-                                for (a, &y) in dst.iter_mut().zip(src) {
+                                for (a, &y) in sum.iter_mut().zip(src) {
                                     *a += w * y;
                                 }
                             }
                             None => {
-                                for (a, &y) in dst.iter_mut().zip(src) {
+                                for (a, &y) in sum.iter_mut().zip(src) {
                                     *a += y;
                                 }
                             }
                         }
                     }
+                    if nt {
+                        stream::copy(dst, &acc, true);
+                    }
                 }
                 Ok(())
             },
-        )
+        );
+        if nt {
+            stream::fence();
+        }
+        summed
     })
 }
 
@@ -344,6 +364,7 @@ pub fn combine_backward<F: Real>(
     let mut dots = vec![F::ZERO; r];
     if r > 0 && d > 0 {
         let rows = rows_per_task(r, 2 * d, 1 << 14);
+        let nt = stream::worth_streaming(std::mem::size_of_val(grad_ys));
         let parts: Vec<_> = grad_ys
             .chunks_mut(rows * d)
             .zip(dots.chunks_mut(rows))
@@ -354,7 +375,9 @@ pub fn combine_backward<F: Real>(
             team_size(),
             parts,
             |_, (((gys, dots), ys), (toks, slots))| {
-                with_best_isa(
+                // A large `grad_ys` is scaled into a row buffer and streamed out (see `stream`).
+                let mut scaled = vec![F::ZERO; if nt { d } else { 0 }];
+                let done = with_best_isa(
                     #[inline(always)]
                     || {
                         for (((gy, dot_out), y), (&tok, &slot)) in gys
@@ -367,14 +390,22 @@ pub fn combine_backward<F: Real>(
                             let slot = row_index("plan.row_slot", slot, n)?;
                             let g = &grad[tok * d..(tok + 1) * d];
                             let w = weights[slot];
-                            for (o, &gv) in gy.iter_mut().zip(g) {
+                            let out: &mut [F] = if nt { &mut scaled } else { &mut *gy };
+                            for (o, &gv) in out.iter_mut().zip(g) {
                                 *o = w * gv;
+                            }
+                            if nt {
+                                stream::copy(gy, &scaled, true);
                             }
                             *dot_out = dot(g, y);
                         }
                         Ok(())
                     },
-                )
+                );
+                if nt {
+                    stream::fence();
+                }
+                done
             },
         )?;
     }
@@ -519,6 +550,70 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(4));
+    }
+
+    #[test]
+    fn outputs_large_enough_to_stream_hold_the_same_values() {
+        // Rows of an odd width (misaligned starts and tails), outputs just over the threshold.
+        let d = 4099usize;
+        let t = crate::stream::STREAM_MIN_BYTES / (4 * d) * 5 / 4 + 8; // a fifth of the slots empty
+        let idx: Vec<i64> = (0..t)
+            .map(|i| if i % 5 == 3 { -1 } else { (i % 3) as i64 })
+            .collect();
+        let p = dispatch_plan(&idx, t, 1, 3, None).unwrap();
+        let r = p.row_token.len();
+        // Streamed unless MOERUST_STREAM_MB raises the threshold.
+        assert!(4 * r * d >= crate::stream::STREAM_MIN_BYTES);
+        let x: Vec<f32> = (0..t * d).map(|i| (i % 101) as f32 - 50.0).collect();
+        let w: Vec<f32> = (0..t).map(|i| (i % 7) as f32 * 0.5).collect();
+        let mut xs = vec![0.0f32; r * d];
+        gather(&x, t, d, &p.row_token, &mut xs).unwrap();
+        for (row, &tok) in p.row_token.iter().enumerate() {
+            let tok = tok as usize;
+            assert_eq!(xs[row * d..(row + 1) * d], x[tok * d..(tok + 1) * d]);
+        }
+        let mut y = vec![1.0f32; t * d];
+        combine(&xs, r, d, &w, &p.slot_row, t, &mut y).unwrap();
+        for (tok, &row) in p.slot_row.iter().enumerate() {
+            for c in [0, 1, d / 2, d - 1] {
+                let want = if row < 0 {
+                    0.0
+                } else {
+                    w[tok] * xs[row as usize * d + c]
+                };
+                assert_eq!(y[tok * d + c], want);
+            }
+        }
+        let mut gx = vec![1.0f32; t * d];
+        gather_backward(&xs, r, d, &p.slot_row, t, &mut gx).unwrap();
+        for (tok, &row) in p.slot_row.iter().enumerate() {
+            for c in [0, 2, d - 1] {
+                let want = if row < 0 {
+                    0.0
+                } else {
+                    xs[row as usize * d + c]
+                };
+                assert_eq!(gx[tok * d + c], want);
+            }
+        }
+        let (mut gys, mut gw) = (vec![0.0f32; r * d], vec![0.0f32; t]);
+        combine_backward(
+            &x,
+            &xs,
+            &w,
+            d,
+            &p.row_token,
+            &p.row_slot,
+            &p.slot_row,
+            &mut gys,
+            &mut gw,
+        )
+        .unwrap();
+        for (row, (&tok, &slot)) in p.row_token.iter().zip(&p.row_slot).enumerate() {
+            for c in [0, 3, d - 2, d - 1] {
+                assert_eq!(gys[row * d + c], w[slot as usize] * x[tok as usize * d + c]);
+            }
+        }
     }
 
     #[test]

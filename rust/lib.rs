@@ -13,6 +13,7 @@ pub mod real;
 pub mod route_weights;
 pub mod routing;
 pub mod softmax;
+pub mod stream;
 pub mod threads;
 pub mod window_mask;
 

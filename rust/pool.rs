@@ -109,7 +109,10 @@ impl Idle {
         self.tick += 1;
         self.order.insert(self.tick, block.size);
         self.bytes += block.size;
-        self.blocks.entry(block.size).or_default().push((self.tick, block));
+        self.blocks
+            .entry(block.size)
+            .or_default()
+            .push((self.tick, block));
     }
 }
 
@@ -236,7 +239,11 @@ mod tests {
         assert_eq!(idle.bytes, 8192 + 4096 + 12288);
         assert!(idle.pop(12288).is_some());
         let kept = idle.pop(8192).unwrap();
-        assert_ne!(kept.as_ptr(), first_ptr, "the longest-idle block went first");
+        assert_ne!(
+            kept.as_ptr(),
+            first_ptr,
+            "the longest-idle block went first"
+        );
         assert!(idle.pop(8192).is_none());
         assert_eq!(idle.order.len(), 1);
         // A block larger than the cap is not kept and evicts nothing.
