@@ -178,3 +178,37 @@ def test_openmp_team_and_its_rayon_fallback_agree(monkeypatch: pytest.MonkeyPatc
             _backend.native().use_openmp_team(entry)
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_streamed_outputs_match_the_torch_twin() -> None:
+    """With MOERUST_STREAM_MB=1 the ~2-4 MB outputs of gather, combine and their backwards are
+    written with streaming stores (rust/stream.rs); values must equal the torch twin's."""
+    code = """
+import torch, moerust
+from moerust import ops
+torch.manual_seed(0)
+t, k, e, d = 3001, 2, 5, 173  # odd row width: rows start off 16-byte boundaries
+probs = torch.softmax(torch.randn(t, e), -1)
+idx = ops.topk_route(probs, k)
+idx[::7, 1] = -1
+plan = ops.dispatch_plan(idx, e)
+x = torch.randn(t, d, dtype=torch.float64)
+w = probs.gather(1, idx.clamp(min=0)).double()
+up = torch.randn(t, d, dtype=torch.float64)
+res = []
+for backend in ("rust", "torch"):
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with moerust.use_backend(backend):
+        rows = ops.gather(xs, plan)
+        y = ops.combine(rows, ws, plan)
+        y.backward(up)
+    res.append((rows.detach(), y.detach(), xs.grad, ws.grad))
+assert res[0][0].numel() * 8 > 1 << 20
+for a, b in zip(*res):
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+print("ok")
+"""
+    env = dict(os.environ, MOERUST_STREAM_MB="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
