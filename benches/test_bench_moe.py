@@ -80,7 +80,9 @@ def build(variant: str, d: int, ff: int, e: int, k: int, t: int) -> Tuple[Callab
             x.grad = None
             with moerust.use_backend(backend):
                 y, aux = layer(x)
-                (y * grad).sum().add(aux.weighted).backward()
+                # The same backward as the HF block's `backward(grad)`, plus the auxiliary loss's.
+                tensors = [y, aux.weighted] if aux.weighted.requires_grad else [y]
+                torch.autograd.backward(tensors, [grad, torch.ones(())][: len(tensors)])
             info["experts_per_token"] = aux.stats.experts_per_token
 
         return step, info
