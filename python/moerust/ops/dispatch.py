@@ -17,7 +17,7 @@ import torch
 
 from .. import _backend
 from .._backend import numpy_view as _np
-from . import _checks
+from . import _checks, _eager
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,13 +159,15 @@ def _combine_backward_torch(
 
 
 
-@torch.library.custom_op("moerust::gather", mutates_args=())
-def _gather_op(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
+def _gather_impl(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(x, row_token):
         out = _backend.empty(row_token.shape[0], x.shape[1], dtype=x.dtype)
         _backend.native_fn("gather", x.dtype)(_np(x), _np(row_token), out.numpy(), _backend.num_threads())
         return out
     return _gather_torch(x, row_token)
+
+
+_gather_op = torch.library.custom_op("moerust::gather", mutates_args=())(_gather_impl)
 
 
 @_gather_op.register_fake
@@ -197,11 +199,10 @@ def _gather_backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tenso
     return _gather_backward_op(grad.contiguous(), slot_row), None, None
 
 
-_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+_gather = _eager.differentiable(_gather_op, _gather_impl, _gather_backward, _gather_setup)
 
 
-@torch.library.custom_op("moerust::combine", mutates_args=())
-def _combine_op(
+def _combine_impl(
     ys: torch.Tensor, weights: torch.Tensor, slot_row: torch.Tensor, row_token: torch.Tensor, row_slot: torch.Tensor
 ) -> torch.Tensor:
     if _backend.rust_handles(ys, weights, slot_row):
@@ -209,6 +210,9 @@ def _combine_op(
         _backend.native_fn("combine", ys.dtype)(_np(ys), _np(weights), _np(slot_row), out.numpy(), _backend.num_threads())
         return out
     return _slot_sum_torch(ys, weights, slot_row)
+
+
+_combine_op = torch.library.custom_op("moerust::combine", mutates_args=())(_combine_impl)
 
 
 @_combine_op.register_fake
@@ -258,7 +262,7 @@ def _combine_backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tens
     )
 
 
-_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+_combine = _eager.differentiable(_combine_op, _combine_impl, _combine_backward, _combine_setup)
 
 
 # --- public entry points -------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def gather(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     if x.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but the plan was built for {plan.num_tokens}")
     _checks.same_device("x", x, plan.row_token, "plan")
-    return _gather_op(x, plan.row_token, plan.slot_row)
+    return _gather(x, plan.row_token, plan.slot_row)
 
 
 def combine(ys: torch.Tensor, weights: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -300,4 +304,4 @@ def combine(ys: torch.Tensor, weights: torch.Tensor, plan: Plan) -> torch.Tensor
         raise TypeError(f"weights must have the dtype of ys ({ys.dtype}), got {weights.dtype}")
     _checks.same_device("ys", ys, plan.row_token, "plan")
     _checks.same_device("weights", weights, ys, "ys")
-    return _combine_op(ys, weights.contiguous(), plan.slot_row, plan.row_token, plan.row_slot)
+    return _combine(ys, weights.contiguous(), plan.slot_row, plan.row_token, plan.row_slot)

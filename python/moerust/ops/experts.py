@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._backend import numpy_view as _np
-from . import _checks
+from . import _checks, _eager
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -87,8 +87,7 @@ def _backward_torch(
     return dxs, dw1, dw2
 
 
-@torch.library.custom_op("moerust::expert_mlp", mutates_args=())
-def _expert_mlp_op(
+def _expert_mlp_impl(
     xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, activation: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if _backend.rust_handles(xs, w1, w2, offsets):
@@ -99,6 +98,9 @@ def _expert_mlp_op(
         )
         return out, h
     return _forward_torch(xs, w1, w2, offsets, activation)
+
+
+_expert_mlp_op = torch.library.custom_op("moerust::expert_mlp", mutates_args=())(_expert_mlp_impl)
 
 
 @_expert_mlp_op.register_fake
@@ -148,7 +150,7 @@ def _backward(ctx: Any, grad_out: torch.Tensor, grad_h: Optional[torch.Tensor]) 
     return (dxs if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None, None, None)
 
 
-_expert_mlp_op.register_autograd(_backward, setup_context=_setup)
+_expert_mlp = _eager.differentiable(_expert_mlp_op, _expert_mlp_impl, _backward, _setup)
 
 
 def expert_mlp(
@@ -187,5 +189,5 @@ def expert_mlp(
     o = offsets.tolist()
     if o[0] != 0 or o[-1] != xs.shape[0] or any(b < a for a, b in zip(o, o[1:])):
         raise ValueError(f"offsets must be non-decreasing from 0 to {xs.shape[0]} (the rows of xs), got {o[0]} .. {o[-1]}")
-    out, _ = _expert_mlp_op(xs.contiguous(), w1.contiguous(), w2.contiguous(), offsets, activation)
+    out, _ = _expert_mlp(xs.contiguous(), w1.contiguous(), w2.contiguous(), offsets, activation)
     return out

@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend
 from .._backend import numpy_view as _np
-from . import _checks
+from . import _checks, _eager
 
 MIN_SUM = 1e-20
 
@@ -53,13 +53,15 @@ def _backward_torch(grad: torch.Tensor, probs: torch.Tensor, idx: torch.Tensor, 
     return dp.scatter_add_(1, idx.clamp(min=0), g)
 
 
-@torch.library.custom_op("moerust::route_weights", mutates_args=())
-def _route_weights_op(probs: torch.Tensor, idx: torch.Tensor, renormalize: bool) -> torch.Tensor:
+def _route_weights_impl(probs: torch.Tensor, idx: torch.Tensor, renormalize: bool) -> torch.Tensor:
     if _backend.rust_handles(probs, idx):
         out = _backend.empty(*idx.shape, dtype=probs.dtype)
         _backend.native_fn("route_weights", probs.dtype)(_np(probs), _np(idx), renormalize, out.numpy(), _backend.num_threads())
         return out
     return _forward_torch(probs, idx, renormalize)
+
+
+_route_weights_op = torch.library.custom_op("moerust::route_weights", mutates_args=())(_route_weights_impl)
 
 
 @_route_weights_op.register_fake
@@ -94,7 +96,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], Non
     return _route_weights_backward_op(grad.contiguous(), probs, idx, ctx.renormalize), None, None
 
 
-_route_weights_op.register_autograd(_backward, setup_context=_setup)
+_route_weights = _eager.differentiable(_route_weights_op, _route_weights_impl, _backward, _setup)
 
 
 def route_weights(probs: torch.Tensor, idx: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
@@ -111,4 +113,4 @@ def route_weights(probs: torch.Tensor, idx: torch.Tensor, renormalize: bool = Tr
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
     _checks.same_device("idx", idx, probs, "probs")
-    return _route_weights_op(probs.contiguous(), idx.to(torch.int64).contiguous(), renormalize)
+    return _route_weights(probs.contiguous(), idx.to(torch.int64).contiguous(), renormalize)

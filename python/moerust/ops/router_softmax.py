@@ -17,16 +17,18 @@ import torch
 
 from .. import _backend
 from .._backend import numpy_view as _np
-from . import _checks
+from . import _checks, _eager
 
 
-@torch.library.custom_op("moerust::softmax", mutates_args=())
-def _softmax_op(logits: torch.Tensor) -> torch.Tensor:
+def _softmax_impl(logits: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(logits):
         out = _backend.empty(*logits.shape, dtype=logits.dtype)
         _backend.native_fn("softmax", logits.dtype)(_np(logits), out.numpy(), _backend.num_threads())
         return out
     return torch.softmax(logits, dim=-1)
+
+
+_softmax_op = torch.library.custom_op("moerust::softmax", mutates_args=())(_softmax_impl)
 
 
 @_softmax_op.register_fake
@@ -57,7 +59,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
     return _softmax_backward_op(grad.contiguous(), probs)
 
 
-_softmax_op.register_autograd(_backward, setup_context=_setup)
+_softmax = _eager.differentiable(_softmax_op, _softmax_impl, _backward, _setup)
 
 
 # Fewer rows than this go straight to torch.softmax: the custom op's dispatch (forward and
@@ -79,4 +81,4 @@ def softmax(logits: torch.Tensor) -> torch.Tensor:
     rows = logits.reshape(-1, shape[-1]) if logits.dim() != 2 else logits
     if rows.shape[0] < MIN_KERNEL_ROWS:
         return torch.softmax(logits, dim=-1)
-    return _softmax_op(rows.contiguous()).reshape(shape)
+    return _softmax(rows.contiguous()).reshape(shape)
