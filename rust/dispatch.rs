@@ -188,18 +188,12 @@ pub fn gather<F: Real>(
         .zip(row_token.chunks(rows))
         .collect();
     try_for_each_part(team_size(), parts, |_, (out, toks)| {
-        let copied = out
-            .chunks_exact_mut(d)
-            .zip(toks)
-            .try_for_each(|(dst, &tok)| {
-                let tok = row_index("plan.row_token", tok, t)?;
-                stream::copy(dst, &x[tok * d..(tok + 1) * d], nt);
-                Ok(())
-            });
-        if nt {
-            stream::fence();
+        let writer = stream::RowWriter::new(nt, 0, F::ZERO);
+        for (dst, &tok) in out.chunks_exact_mut(d).zip(toks) {
+            let tok = row_index("plan.row_token", tok, t)?;
+            writer.copy(dst, &x[tok * d..(tok + 1) * d]);
         }
-        copied
+        Ok(())
     })
 }
 
@@ -257,7 +251,7 @@ fn slot_sum<F: Real>(
         out.fill(F::ZERO);
         return Ok(());
     }
-    // A large output is summed in a row buffer and streamed out (see `stream`).
+    // A large output is summed in a row buffer and streamed out (see `stream::RowWriter`).
     let nt = stream::worth_streaming(std::mem::size_of_val(out));
     let rows = rows_per_task(t, k * d, 1 << 14);
     let parts: Vec<_> = out
@@ -265,8 +259,8 @@ fn slot_sum<F: Real>(
         .zip(slot_row.chunks(rows * k))
         .collect();
     try_for_each_part(team_size(), parts, |chunk, (out, slots)| {
-        let mut acc = vec![F::ZERO; if nt { d } else { 0 }];
-        let summed = with_best_isa(
+        let mut writer = stream::RowWriter::new(nt, d, F::ZERO);
+        with_best_isa(
             #[inline(always)]
             || {
                 for (i, (dst, slots)) in out
@@ -274,7 +268,7 @@ fn slot_sum<F: Real>(
                     .zip(slots.chunks_exact(k))
                     .enumerate()
                 {
-                    let sum: &mut [F] = if nt { &mut acc } else { &mut *dst };
+                    let sum = writer.target(dst);
                     sum.fill(F::ZERO);
                     for (j, &row) in slots.iter().enumerate() {
                         if row == -1 {
@@ -296,17 +290,11 @@ fn slot_sum<F: Real>(
                             }
                         }
                     }
-                    if nt {
-                        stream::copy(dst, &acc, true);
-                    }
+                    writer.flush(dst);
                 }
                 Ok(())
             },
-        );
-        if nt {
-            stream::fence();
-        }
-        summed
+        )
     })
 }
 
@@ -364,6 +352,7 @@ pub fn combine_backward<F: Real>(
     let mut dots = vec![F::ZERO; r];
     if r > 0 && d > 0 {
         let rows = rows_per_task(r, 2 * d, 1 << 14);
+        // A large `grad_ys` is scaled into a row buffer and streamed out (`stream::RowWriter`).
         let nt = stream::worth_streaming(std::mem::size_of_val(grad_ys));
         let parts: Vec<_> = grad_ys
             .chunks_mut(rows * d)
@@ -375,9 +364,8 @@ pub fn combine_backward<F: Real>(
             team_size(),
             parts,
             |_, (((gys, dots), ys), (toks, slots))| {
-                // A large `grad_ys` is scaled into a row buffer and streamed out (see `stream`).
-                let mut scaled = vec![F::ZERO; if nt { d } else { 0 }];
-                let done = with_best_isa(
+                let mut writer = stream::RowWriter::new(nt, d, F::ZERO);
+                with_best_isa(
                     #[inline(always)]
                     || {
                         for (((gy, dot_out), y), (&tok, &slot)) in gys
@@ -390,22 +378,15 @@ pub fn combine_backward<F: Real>(
                             let slot = row_index("plan.row_slot", slot, n)?;
                             let g = &grad[tok * d..(tok + 1) * d];
                             let w = weights[slot];
-                            let out: &mut [F] = if nt { &mut scaled } else { &mut *gy };
-                            for (o, &gv) in out.iter_mut().zip(g) {
+                            for (o, &gv) in writer.target(gy).iter_mut().zip(g) {
                                 *o = w * gv;
                             }
-                            if nt {
-                                stream::copy(gy, &scaled, true);
-                            }
+                            writer.flush(gy);
                             *dot_out = dot(g, y);
                         }
                         Ok(())
                     },
-                );
-                if nt {
-                    stream::fence();
-                }
-                done
+                )
             },
         )?;
     }

@@ -704,33 +704,23 @@ fn backward_in_waves<T: MlpReal>(
                 return;
             }
             let (llo, lhi) = (lo - row0, hi - row0); // rows within the wave's scratch
-            if is_w1 {
-                let m = out.len() / d;
-                matmul(
-                    m,
-                    d,
-                    n,
-                    out,
-                    d,
-                    &dh_ref[llo * h1 + i0..lhi * h1],
-                    Strides::transposed(h1),
-                    &xs[lo * d..hi * d],
-                    Strides::row_major(d),
-                );
+                                                     // dW1 block = dh[:, i0..]^T @ xs, dW2 block = grad[:, i0..]^T @ a (rows of the expert).
+            let (width, lhs, lhs_row, rhs) = if is_w1 {
+                (d, &dh_ref[llo * h1 + i0..lhi * h1], h1, &xs[lo * d..hi * d])
             } else {
-                let m = out.len() / f;
-                matmul(
-                    m,
-                    f,
-                    n,
-                    out,
-                    f,
-                    &grad[lo * d + i0..hi * d],
-                    Strides::transposed(d),
-                    &a_ref[llo * f..lhi * f],
-                    Strides::row_major(f),
-                );
-            }
+                (f, &grad[lo * d + i0..hi * d], d, &a_ref[llo * f..lhi * f])
+            };
+            matmul(
+                out.len() / width,
+                width,
+                n,
+                out,
+                width,
+                lhs,
+                Strides::transposed(lhs_row),
+                rhs,
+                Strides::row_major(width),
+            );
         });
     }
     T::give_back(scratch);

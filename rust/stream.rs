@@ -93,6 +93,58 @@ pub fn fence() {
     };
 }
 
+/// Writes the rows of one output: in place, or, when streaming, each row computed in a row buffer
+/// and streamed out. Dropping it fences (see [`fence`]), so a task's rows are in memory by the
+/// time the task ends, on every path out of it.
+pub struct RowWriter<F> {
+    buf: Vec<F>,
+    stream: bool,
+}
+
+impl<F: Copy> RowWriter<F> {
+    /// A writer for rows of `width` elements; `zero` fills the row buffer, allocated only when
+    /// `stream` is set (`width` may be 0 if only [`RowWriter::copy`] is used).
+    pub fn new(stream: bool, width: usize, zero: F) -> Self {
+        Self {
+            buf: vec![zero; if stream { width } else { 0 }],
+            stream,
+        }
+    }
+
+    /// Where to compute the row that belongs in `dst`: `dst` itself, or the row buffer; then
+    /// call [`RowWriter::flush`] with the same `dst`.
+    #[inline(always)]
+    pub fn target<'a>(&'a mut self, dst: &'a mut [F]) -> &'a mut [F] {
+        if self.stream {
+            &mut self.buf
+        } else {
+            dst
+        }
+    }
+
+    /// Moves the row computed in [`RowWriter::target`] into `dst` (nothing to do in place).
+    #[inline(always)]
+    pub fn flush(&mut self, dst: &mut [F]) {
+        if self.stream {
+            copy(dst, &self.buf, true);
+        }
+    }
+
+    /// `dst.copy_from_slice(src)`, streamed when streaming.
+    #[inline(always)]
+    pub fn copy(&self, dst: &mut [F], src: &[F]) {
+        copy(dst, src, self.stream);
+    }
+}
+
+impl<F> Drop for RowWriter<F> {
+    fn drop(&mut self) {
+        if self.stream {
+            fence();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,24 +31,15 @@ def differentiable(
     eager calls, an equivalent ``torch.autograd.Function`` with the same formula."""
     op.register_autograd(backward, setup_context=setup_context)
 
-    def forward(*args: Any) -> Any:
-        return impl(*args)
-
-    def setup(ctx: Any, inputs: Any, output: Any) -> None:
-        setup_context(ctx, inputs, output)
-
-    def backward_(ctx: Any, *grads: Any) -> Any:
-        return backward(ctx, *grads)
-
     # Built with type() so that its backward node is named after the op (e.g. softmax_eagerBackward).
     name = f"{impl.__name__.strip('_').removesuffix('_impl')}_eager"
     Eager: Any = type(
         name,
         (torch.autograd.Function,),
         {
-            "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup),
-            "backward": staticmethod(backward_),
+            "forward": staticmethod(impl),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
         },
     )
 
