@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import _checks
+from ..ops.route_weights import MIN_SUM
 
 ROUTINGS = ("softmax_topk", "topk_softmax", "topp")
 
@@ -147,7 +148,7 @@ class Router(nn.Module):
                 # The learned threshold's gate multiplies in before the renormalisation.
                 weights = ops.route_weights(probs, idx, renormalize=False) * _threshold_gate(probs, idx, threshold)
                 if self.renormalize:
-                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=MIN_SUM)
             return RouterOutput(logits, probs, idx, weights, counts, threshold)
         scores = logits if self.routing == "topk_softmax" else probs
         if self.bias_balance:
