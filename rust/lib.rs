@@ -4,6 +4,7 @@
 
 pub mod dispatch;
 pub mod error;
+pub mod expert_columns;
 pub mod expert_mlp;
 pub mod isa;
 pub mod lars;

@@ -1,0 +1,328 @@
+//! The expert MLP by column blocks: the layout [`crate::expert_mlp`] uses when its row tiles
+//! would be short.
+//!
+//! Why: the `gemm` crate packs the weight operand again on every call, one copy per weight
+//! against `rows` multiply-adds. With many threads the row tiles of the fused layout get short
+//! (96 rows for 4096 rows over 16 threads), and re-packing an expert's weights for every tile
+//! cost about a quarter of the forward at d = 512. Here a task takes up to [`TILE_ROWS`] rows of
+//! one expert and a block of *columns* of the weights, so each weight is packed about once per
+//! tile of 512 rows; the price is that `a` (the forward) and `dh` (the backward) go through memory
+//! between the two GEMMs, with one more barrier, instead of staying in the core's cache.
+//!
+//! Every output element is computed by the same sequence of operations as in the row layout's
+//! GEMM of the same depth, but the GEMMs have other shapes, so results may differ in the last bits
+//! between the two layouts (not between runs, thread counts of one layout, or backward waves).
+
+use std::marker::PhantomData;
+
+use crate::expert_mlp::{
+    act_backward_parts, act_forward_parts, matmul, matmul_raw, row_tiles, Activation, MlpReal,
+    MlpShape, Strides,
+};
+use crate::isa::with_best_isa;
+use crate::omp_team::for_each_task;
+
+/// Most rows of one expert in a tile (an expert with more is cut into equal tiles).
+pub(crate) const TILE_ROWS: usize = 512;
+
+/// A row-major buffer that tasks write in disjoint blocks of rows x columns, which safe slices
+/// cannot express (a column block of many rows is not a contiguous range).
+struct Blocks<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    width: usize,
+    _buf: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: `Blocks` stands for a `&mut [T]` shared among tasks; moving or sharing it across threads
+// is as safe as for the slice, and element access goes through `row` / `block`, whose contracts
+// require each task to touch only its own elements.
+unsafe impl<T: Send> Send for Blocks<'_, T> {}
+unsafe impl<T: Send> Sync for Blocks<'_, T> {}
+
+impl<'a, T> Blocks<'a, T> {
+    fn new(buf: &'a mut [T], width: usize) -> Self {
+        Blocks {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            width,
+            _buf: PhantomData,
+        }
+    }
+
+    /// Columns `c0..c1` of row `r`.
+    ///
+    /// # Safety
+    /// No other reference to these elements may be live while the slice is (each task uses only
+    /// its own block, and a task holds one slice per element at a time).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize, c0: usize, c1: usize) -> &mut [T] {
+        assert!(c0 <= c1 && c1 <= self.width && r * self.width + c1 <= self.len);
+        // SAFETY: in bounds (asserted) of the buffer borrowed for 'a; exclusive by the contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.width + c0), c1 - c0) }
+    }
+
+    /// Pointer to element `(r, c0)` of an `m x n` block that lies inside the buffer (asserted).
+    fn block(&self, r: usize, c0: usize, m: usize, n: usize) -> *mut T {
+        if m > 0 && n > 0 {
+            assert!(c0 + n <= self.width && (r + m - 1) * self.width + c0 + n <= self.len);
+        }
+        self.ptr.wrapping_add(r * self.width + c0)
+    }
+}
+
+/// Cuts `0..width` into blocks, 16 columns wide or a multiple of 16 where the width allows,
+/// so that `tiles` row tiles give about three tasks per thread.
+fn column_blocks(width: usize, tiles: usize, threads: usize) -> Vec<(usize, usize)> {
+    if width == 0 {
+        return Vec::new();
+    }
+    let parts = (3 * threads)
+        .div_ceil(tiles.max(1))
+        .clamp(1, width.div_ceil(16));
+    let step = width.div_ceil(parts).next_multiple_of(16).min(width);
+    (0..width)
+        .step_by(step)
+        .map(|c| (c, (c + step).min(width)))
+        .collect()
+}
+
+/// Every (tile, column block) pair, largest first (longest-processing-time order, as the row
+/// layout hands out its tiles), ties in tile order.
+fn tasks(tiles: &[(usize, usize, usize)], blocks: &[(usize, usize)]) -> Vec<(usize, usize, usize)> {
+    let mut tasks: Vec<(usize, usize, usize)> = (0..tiles.len())
+        .flat_map(|t| blocks.iter().map(move |&(c0, c1)| (t, c0, c1)))
+        .collect();
+    tasks.sort_by_key(|&(t, c0, c1)| std::cmp::Reverse((tiles[t].2 - tiles[t].1) * (c1 - c0)));
+    tasks
+}
+
+/// Offsets of the column ranges of `h` (rows of `W1_e`) behind one column block of `a`: the
+/// gate and the up columns for SwiGLU, the same columns for GELU.
+fn h_offsets(act: Activation, f: usize) -> ([usize; 2], usize) {
+    match act {
+        Activation::SwiGlu => ([0, f], 2),
+        Activation::Gelu => ([0, 0], 1),
+    }
+}
+
+/// Forward of [`crate::expert_mlp::expert_mlp_forward`] by column blocks (arguments checked
+/// there): `h` and `a` by blocks of F columns, then `out` by blocks of d columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward<T: MlpReal>(
+    s: &MlpShape,
+    xs: &[T],
+    w1: &[T],
+    w2: &[T],
+    ranges: &[(usize, usize)],
+    h: &mut [T],
+    out: &mut [T],
+    threads: usize,
+) {
+    let (d, f, h1) = (s.d, s.f, s.act.h1(s.f));
+    let tiles = row_tiles(ranges, TILE_ROWS);
+    let (offs, n_offs) = h_offsets(s.act, f);
+    let mut a_buf = T::take_shared(s.r * f);
+    {
+        let (hb, ab) = (Blocks::new(h, h1), Blocks::new(&mut a_buf[..], f));
+        let work = tasks(&tiles, &column_blocks(f, tiles.len(), threads));
+        for_each_task(threads, work.len(), &|i| {
+            let (t, c0, c1) = work[i];
+            let (e, lo, hi) = tiles[t];
+            let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
+            for &off in &offs[..n_offs] {
+                // h[lo..hi, off+c0..off+c1] = xs[lo..hi] W1_e[off+c0..off+c1]^T
+                // SAFETY: this task alone writes rows lo..hi, columns off+c0..off+c1 of h (the
+                // tasks' (tile, column block) pairs are disjoint); h is not an operand.
+                unsafe {
+                    matmul_raw(
+                        hi - lo,
+                        c1 - c0,
+                        d,
+                        hb.block(lo, off + c0, hi - lo, c1 - c0),
+                        h1,
+                        &xs[lo * d..hi * d],
+                        Strides::row_major(d),
+                        &w1e[(off + c0) * d..(off + c1) * d],
+                        Strides::transposed(d),
+                    )
+                };
+            }
+            with_best_isa(
+                #[inline(always)]
+                || {
+                    for r in lo..hi {
+                        // SAFETY: this task's own block of h (read; for GELU `up` is empty) and
+                        // of a (written), one slice per element.
+                        let (first, up, a) = unsafe {
+                            (
+                                &*hb.row(r, c0, c1),
+                                &*if n_offs == 2 {
+                                    hb.row(r, f + c0, f + c1)
+                                } else {
+                                    hb.row(r, c0, c0)
+                                },
+                                ab.row(r, c0, c1),
+                            )
+                        };
+                        act_forward_parts(s.act, first, up, a);
+                    }
+                },
+            );
+        });
+    }
+    let a = &a_buf[..];
+    let ob = Blocks::new(out, d);
+    let work = tasks(&tiles, &column_blocks(d, tiles.len(), threads));
+    for_each_task(threads, work.len(), &|i| {
+        let (t, c0, c1) = work[i];
+        let (e, lo, hi) = tiles[t];
+        let w2e = &w2[e * d * f..(e + 1) * d * f];
+        // out[lo..hi, c0..c1] = a[lo..hi] W2_e[c0..c1]^T
+        // SAFETY: this task alone writes rows lo..hi, columns c0..c1 of out; out is not an operand.
+        unsafe {
+            matmul_raw(
+                hi - lo,
+                c1 - c0,
+                f,
+                ob.block(lo, c0, hi - lo, c1 - c0),
+                d,
+                &a[lo * f..hi * f],
+                Strides::row_major(f),
+                &w2e[c0 * f..c1 * f],
+                Strides::transposed(f),
+            )
+        };
+    });
+    T::give_back(a_buf);
+}
+
+/// The backward's per-row phase for one wave by column blocks: `a` and `dh` for the wave's rows
+/// (`a_wave`, `dh_wave`, `dx_wave` start at row `row0`; `ranges` are the wave's experts, the
+/// first of which is expert `e0`), then `dxs = dh W1_e`. `call_tiles` (the whole call's tile
+/// count) sets the column blocks, so the waves do not change them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_rows<T: MlpReal>(
+    s: &MlpShape,
+    grad: &[T],
+    h: &[T],
+    w1: &[T],
+    w2: &[T],
+    ranges: &[(usize, usize)],
+    e0: usize,
+    row0: usize,
+    a_wave: &mut [T],
+    dh_wave: &mut [T],
+    dx_wave: &mut [T],
+    call_tiles: usize,
+    threads: usize,
+) {
+    let (d, f, h1) = (s.d, s.f, s.act.h1(s.f));
+    let tiles = row_tiles(ranges, TILE_ROWS);
+    let (offs, n_offs) = h_offsets(s.act, f);
+    {
+        let (ab, dhb) = (Blocks::new(a_wave, f), Blocks::new(dh_wave, h1));
+        let work = tasks(&tiles, &column_blocks(f, call_tiles, threads));
+        for_each_task(threads, work.len(), &|i| {
+            let (t, c0, c1) = work[i];
+            let (el, lo, hi) = tiles[t];
+            let (e, n, cb) = (e0 + el, hi - lo, c1 - c0);
+            let w2e = &w2[e * d * f..(e + 1) * d * f];
+            T::with_tile_scratch(n * cb, |da| {
+                // da = grad[lo..hi] W2_e[:, c0..c1]
+                matmul(
+                    n,
+                    cb,
+                    d,
+                    da,
+                    cb,
+                    &grad[lo * d..hi * d],
+                    Strides::row_major(d),
+                    &w2e[c0..],
+                    Strides { rs: f, cs: 1 },
+                );
+                with_best_isa(
+                    #[inline(always)]
+                    || {
+                        for (r, dar) in (lo..hi).zip(da.chunks_exact(cb.max(1))) {
+                            let hr = &h[r * h1..(r + 1) * h1];
+                            let up = offs[n_offs - 1];
+                            let l = r - row0;
+                            // SAFETY: this task's own block of a and of dh (gate and up column
+                            // ranges are disjoint for SwiGLU; for GELU `dup` is empty).
+                            let (a, dfirst, dup) = unsafe {
+                                (
+                                    ab.row(l, c0, c1),
+                                    dhb.row(l, c0, c1),
+                                    if n_offs == 2 {
+                                        dhb.row(l, up + c0, up + c1)
+                                    } else {
+                                        dhb.row(l, c0, c0)
+                                    },
+                                )
+                            };
+                            let (first, upv) = (&hr[c0..c1], &hr[up + c0..up + c1]);
+                            act_backward_parts(s.act, first, upv, dar, a, dfirst, dup);
+                        }
+                    },
+                );
+            });
+        });
+    }
+    let dh = &*dh_wave;
+    let dxb = Blocks::new(dx_wave, d);
+    let work = tasks(&tiles, &column_blocks(d, call_tiles, threads));
+    for_each_task(threads, work.len(), &|i| {
+        let (t, c0, c1) = work[i];
+        let (el, lo, hi) = tiles[t];
+        let e = e0 + el;
+        let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
+        // dx[lo..hi, c0..c1] = dh[lo..hi] W1_e[:, c0..c1]
+        // SAFETY: this task alone writes rows lo..hi, columns c0..c1 of the wave's dxs, which is
+        // not an operand.
+        unsafe {
+            matmul_raw(
+                hi - lo,
+                c1 - c0,
+                h1,
+                dxb.block(lo - row0, c0, hi - lo, c1 - c0),
+                d,
+                &dh[(lo - row0) * h1..(hi - row0) * h1],
+                Strides::row_major(h1),
+                &w1e[c0..],
+                Strides { rs: d, cs: 1 },
+            )
+        };
+    });
+}
+
+/// Tiles of the whole call in this layout (sets the column blocks of every wave).
+pub(crate) fn call_tiles(ranges: &[(usize, usize)]) -> usize {
+    row_tiles(ranges, TILE_ROWS).len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_blocks_cover_the_width() {
+        for (width, tiles, threads) in [
+            (1, 1, 1),
+            (17, 2, 16),
+            (2048, 8, 16),
+            (100, 100, 2),
+            (64, 1, 64),
+        ] {
+            let blocks = column_blocks(width, tiles, threads);
+            assert_eq!(blocks[0].0, 0);
+            assert_eq!(blocks.last().unwrap().1, width);
+            assert!(blocks
+                .windows(2)
+                .all(|w| w[0].1 == w[1].0 && w[0].0 < w[0].1));
+        }
+        assert!(column_blocks(0, 3, 4).is_empty());
+        // 8 tiles on 16 threads: 6 blocks of F = 2048 (352 columns, the last 288)
+        assert_eq!(column_blocks(2048, 8, 16).len(), 6);
+    }
+}
