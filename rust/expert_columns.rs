@@ -97,12 +97,12 @@ fn tasks(tiles: &[(usize, usize, usize)], blocks: &[(usize, usize)]) -> Vec<(usi
     tasks
 }
 
-/// Offsets of the column ranges of `h` (rows of `W1_e`) behind one column block of `a`: the
-/// gate and the up columns for SwiGLU, the same columns for GELU.
-fn h_offsets(act: Activation, f: usize) -> ([usize; 2], usize) {
+/// The columns of `h` that hold the up projection matching columns `c0..c1` of `a`: `f + c0..f +
+/// c1` for SwiGLU, an empty range for GELU (whose `h` columns are `a`'s own).
+fn up_columns(act: Activation, f: usize, c0: usize, c1: usize) -> (usize, usize) {
     match act {
-        Activation::SwiGlu => ([0, f], 2),
-        Activation::Gelu => ([0, 0], 1),
+        Activation::SwiGlu => (f + c0, f + c1),
+        Activation::Gelu => (c0, c0),
     }
 }
 
@@ -121,7 +121,6 @@ pub(crate) fn forward<T: MlpReal>(
 ) {
     let (d, f, h1) = (s.d, s.f, s.act.h1(s.f));
     let tiles = row_tiles(ranges, TILE_ROWS);
-    let (offs, n_offs) = h_offsets(s.act, f);
     let mut a_buf = T::take_shared(s.r * f);
     {
         let (hb, ab) = (Blocks::new(h, h1), Blocks::new(&mut a_buf[..], f));
@@ -130,20 +129,22 @@ pub(crate) fn forward<T: MlpReal>(
             let (t, c0, c1) = work[i];
             let (e, lo, hi) = tiles[t];
             let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
-            for &off in &offs[..n_offs] {
-                // h[lo..hi, off+c0..off+c1] = xs[lo..hi] W1_e[off+c0..off+c1]^T
-                // SAFETY: this task alone writes rows lo..hi, columns off+c0..off+c1 of h (the
-                // tasks' (tile, column block) pairs are disjoint); h is not an operand.
+            let (u0, u1) = up_columns(s.act, f, c0, c1);
+            // The block's own columns, then (SwiGLU) its up columns; an empty range does nothing.
+            for (k0, k1) in [(c0, c1), (u0, u1)] {
+                // h[lo..hi, k0..k1] = xs[lo..hi] W1_e[k0..k1]^T
+                // SAFETY: this task alone writes rows lo..hi, columns k0..k1 of h (the tasks'
+                // (tile, column block) pairs are disjoint); h is not an operand.
                 unsafe {
                     matmul_raw(
                         hi - lo,
-                        c1 - c0,
+                        k1 - k0,
                         d,
-                        hb.block(lo, off + c0, hi - lo, c1 - c0),
+                        hb.block(lo, k0, hi - lo, k1 - k0),
                         h1,
                         &xs[lo * d..hi * d],
                         Strides::row_major(d),
-                        &w1e[(off + c0) * d..(off + c1) * d],
+                        &w1e[k0 * d..k1 * d],
                         Strides::transposed(d),
                     )
                 };
@@ -155,15 +156,7 @@ pub(crate) fn forward<T: MlpReal>(
                         // SAFETY: this task's own block of h (read; for GELU `up` is empty) and
                         // of a (written), one slice per element.
                         let (first, up, a) = unsafe {
-                            (
-                                &*hb.row(r, c0, c1),
-                                &*if n_offs == 2 {
-                                    hb.row(r, f + c0, f + c1)
-                                } else {
-                                    hb.row(r, c0, c0)
-                                },
-                                ab.row(r, c0, c1),
-                            )
+                            (&*hb.row(r, c0, c1), &*hb.row(r, u0, u1), ab.row(r, c0, c1))
                         };
                         act_forward_parts(s.act, first, up, a);
                     }
@@ -219,7 +212,6 @@ pub(crate) fn backward_rows<T: MlpReal>(
 ) {
     let (d, f, h1) = (s.d, s.f, s.act.h1(s.f));
     let tiles = row_tiles(ranges, TILE_ROWS);
-    let (offs, n_offs) = h_offsets(s.act, f);
     {
         let (ab, dhb) = (Blocks::new(a_wave, f), Blocks::new(dh_wave, h1));
         let work = tasks(&tiles, &column_blocks(f, call_tiles, threads));
@@ -228,6 +220,7 @@ pub(crate) fn backward_rows<T: MlpReal>(
             let (el, lo, hi) = tiles[t];
             let (e, n, cb) = (e0 + el, hi - lo, c1 - c0);
             let w2e = &w2[e * d * f..(e + 1) * d * f];
+            let (u0, u1) = up_columns(s.act, f, c0, c1);
             T::with_tile_scratch(n * cb, |da| {
                 // da = grad[lo..hi] W2_e[:, c0..c1]
                 matmul(
@@ -246,23 +239,14 @@ pub(crate) fn backward_rows<T: MlpReal>(
                     || {
                         for (r, dar) in (lo..hi).zip(da.chunks_exact(cb.max(1))) {
                             let hr = &h[r * h1..(r + 1) * h1];
-                            let up = offs[n_offs - 1];
                             let l = r - row0;
                             // SAFETY: this task's own block of a and of dh (gate and up column
                             // ranges are disjoint for SwiGLU; for GELU `dup` is empty).
                             let (a, dfirst, dup) = unsafe {
-                                (
-                                    ab.row(l, c0, c1),
-                                    dhb.row(l, c0, c1),
-                                    if n_offs == 2 {
-                                        dhb.row(l, up + c0, up + c1)
-                                    } else {
-                                        dhb.row(l, c0, c0)
-                                    },
-                                )
+                                (ab.row(l, c0, c1), dhb.row(l, c0, c1), dhb.row(l, u0, u1))
                             };
-                            let (first, upv) = (&hr[c0..c1], &hr[up + c0..up + c1]);
-                            act_backward_parts(s.act, first, upv, dar, a, dfirst, dup);
+                            let (first, up) = (&hr[c0..c1], &hr[u0..u1]);
+                            act_backward_parts(s.act, first, up, dar, a, dfirst, dup);
                         }
                     },
                 );

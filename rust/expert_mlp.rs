@@ -408,7 +408,7 @@ impl MlpShape {
 }
 
 /// Checks the offsets (an exclusive scan ending at R) and turns them into row ranges.
-pub(crate) fn expert_ranges(offsets: &[i64], s: &MlpShape) -> KResult<Vec<(usize, usize)>> {
+fn expert_ranges(offsets: &[i64], s: &MlpShape) -> KResult<Vec<(usize, usize)>> {
     check_len("offsets", offsets.len(), s.e + 1)?;
     if offsets[0] != 0 || offsets[s.e] != s.r as i64 {
         return value_err(format!(
@@ -519,7 +519,7 @@ const COLUMN_LAYOUT_MIN_D: usize = 128;
 /// Pairs each tile's part with the tile's index and orders them by decreasing rows: the team takes
 /// tasks in order, and handing out the largest first keeps the last tasks small, so threads
 /// finish together when experts (and so tiles) differ in size (longest-processing-time order).
-pub(crate) fn largest_first<P>(tiles: &[(usize, usize, usize)], parts: Vec<P>) -> Vec<(usize, P)> {
+fn largest_first<P>(tiles: &[(usize, usize, usize)], parts: Vec<P>) -> Vec<(usize, P)> {
     let mut indexed: Vec<(usize, P)> = parts.into_iter().enumerate().collect();
     // Stable: equal tiles keep their order (and their cache-friendly expert grouping).
     indexed.sort_by_key(|&(i, _)| std::cmp::Reverse(tiles[i].2 - tiles[i].1));
@@ -539,7 +539,7 @@ fn split_by_tiles<'a, T>(
 }
 
 /// Cuts the first `n` entries off `rest` and returns them; `rest` keeps the remainder.
-pub(crate) fn take_front<'a, T>(rest: &mut &'a mut [T], n: usize) -> &'a mut [T] {
+fn take_front<'a, T>(rest: &mut &'a mut [T], n: usize) -> &'a mut [T] {
     let (head, tail) = std::mem::take(rest).split_at_mut(n);
     *rest = tail;
     head
@@ -659,8 +659,9 @@ pub fn expert_mlp_backward<T: MlpReal>(
     // The floor keeps every wave at least two minimum-size tiles per thread, so a wave still
     // spreads over the whole team.
     let row_bytes = std::mem::size_of::<T>() * (s.f + s.act.h1(s.f));
-    let budget_rows = (WAVE_SCRATCH_BYTES / row_bytes.max(1)).max(2 * MIN_TILE_ROWS * team_size());
-    let columns = by_columns(s, team_size());
+    let threads = team_size();
+    let budget_rows = (WAVE_SCRATCH_BYTES / row_bytes.max(1)).max(2 * MIN_TILE_ROWS * threads);
+    let columns = by_columns(s, threads);
     backward_in_waves(
         s,
         grad,
@@ -709,7 +710,12 @@ fn backward_in_waves<T: MlpReal>(
     // dense-active bound's for large layers. Each expert's sums are computed the same way in any
     // wave, so the waves do not change the results.
     let waves = expert_waves(&ranges, budget_rows);
-    let call_tiles = crate::expert_columns::call_tiles(&ranges);
+    // The column layout's blocks follow the whole call's tiles, so the waves do not change them.
+    let call_tiles = if columns {
+        crate::expert_columns::call_tiles(&ranges)
+    } else {
+        0
+    };
     let wave_rows = waves
         .iter()
         .map(|&(lo, hi)| ranges[hi - 1].1 - ranges[lo].0)
