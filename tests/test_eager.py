@@ -66,3 +66,18 @@ def test_meta_and_subclass_inputs_take_the_custom_op() -> None:
     assert not _eager._plain_eager((torch.empty(2, device="meta"),))
     out = ops.softmax(torch.empty(4096, 8, device="meta"))
     assert out.device.type == "meta" and out.shape == (4096, 8)
+
+
+def test_backward_kernels_run_directly_only_in_a_plain_eager_backward() -> None:
+    calls = []
+    bop = _eager.BackwardOp(lambda g: calls.append("fn") or g, lambda g: calls.append("op") or g)
+    with torch.no_grad():  # how the autograd engine runs a backward (create_graph=False)
+        bop(torch.ones(3))
+        bop(torch.empty(3, device="meta"))
+    bop(torch.ones(3))  # grad mode: a create_graph=True backward keeps the op (and its checks)
+    assert calls == ["fn", "op", "op"]
+    for module, name in [(router_softmax, "softmax"), (route_weights, "route_weights"), (dispatch, "gather"),
+                         (dispatch, "combine"), (experts, "expert_mlp")]:  # fmt: skip
+        bop = getattr(module, f"_{name}_backward_op")
+        assert isinstance(bop, _eager.BackwardOp)
+        assert getattr(torch.ops.moerust, f"{name}_backward").default is not None

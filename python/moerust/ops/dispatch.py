@@ -175,7 +175,7 @@ def _(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch
     return x.new_empty(row_token.shape[0], x.shape[1])
 
 
-@torch.library.custom_op("moerust::gather_backward", mutates_args=())
+@_eager.backward_op("moerust::gather_backward")
 def _gather_backward_op(grad: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(grad, slot_row):
         out = _backend.empty(slot_row.shape[0], grad.shape[1], dtype=grad.dtype)
@@ -220,7 +220,7 @@ def _(ys: torch.Tensor, weights: torch.Tensor, slot_row: torch.Tensor, row_token
     return ys.new_empty(slot_row.shape[0], ys.shape[1])
 
 
-@torch.library.custom_op("moerust::combine_backward", mutates_args=())
+@_eager.backward_op("moerust::combine_backward")
 def _combine_backward_op(
     grad: torch.Tensor,
     ys: torch.Tensor,

@@ -108,7 +108,7 @@ def _(xs, w1, w2, offsets, activation):  # type: ignore[no-untyped-def]
     return xs.new_empty(xs.shape[0], w2.shape[1]), xs.new_empty(xs.shape[0], w1.shape[1])
 
 
-@torch.library.custom_op("moerust::expert_mlp_backward", mutates_args=())
+@_eager.backward_op("moerust::expert_mlp_backward")
 def _expert_mlp_backward_op(
     grad: torch.Tensor,
     xs: torch.Tensor,

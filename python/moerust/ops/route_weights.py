@@ -69,7 +69,7 @@ def _(probs: torch.Tensor, idx: torch.Tensor, renormalize: bool) -> torch.Tensor
     return probs.new_empty(idx.shape)
 
 
-@torch.library.custom_op("moerust::route_weights_backward", mutates_args=())
+@_eager.backward_op("moerust::route_weights_backward")
 def _route_weights_backward_op(grad: torch.Tensor, probs: torch.Tensor, idx: torch.Tensor, renormalize: bool) -> torch.Tensor:
     if _backend.rust_handles(grad, probs, idx):
         out = _backend.empty(*probs.shape, dtype=probs.dtype)

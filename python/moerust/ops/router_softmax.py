@@ -36,7 +36,7 @@ def _(logits: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("moerust::softmax_backward", mutates_args=())
+@_eager.backward_op("moerust::softmax_backward")
 def _softmax_backward_op(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     if _backend.rust_handles(grad, probs):
         out = _backend.empty(*probs.shape, dtype=probs.dtype)
