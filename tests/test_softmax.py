@@ -96,7 +96,7 @@ def test_gradcheck(backend: str) -> None:
 def test_any_rank_and_one_expert(backend: str) -> None:
     x = torch.randn(2, 3, 5)
     torch.testing.assert_close(ops.softmax(x), torch.softmax(x, -1))
-    big = torch.randn(3, softmax_module.MIN_KERNEL_ROWS, 7) * 4  # through the kernel
+    big = torch.randn(3, softmax_module.kernel_min_rows(7, torch.get_num_threads()), 7) * 4  # through the kernel
     torch.testing.assert_close(ops.softmax(big), torch.softmax(big, -1), rtol=2e-6, atol=1e-37)
     torch.testing.assert_close(_kernel(x), torch.softmax(x, -1))
     v = torch.randn(4)
@@ -121,6 +121,21 @@ def test_non_contiguous_input_is_left_alone() -> None:
     before = x.clone()
     torch.testing.assert_close(_kernel(x), torch.softmax(x, -1))
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("rows", [100, 9000])
+def test_public_softmax_under_torch_compile_fullgraph(rows: int) -> None:
+    """Both paths of ops.softmax (torch.softmax below kernel_min_rows, the kernel above) trace
+    without a graph break, and give torch's values and gradients."""
+    x = torch.randn(rows, 8, requires_grad=True)
+    compiled = torch.compile(lambda t: ops.softmax(t).square().sum(), fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward()
+    ref = x.detach().clone().requires_grad_(True)
+    want = torch.softmax(ref, -1).square().sum()
+    want.backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_torch_compile_fullgraph() -> None:

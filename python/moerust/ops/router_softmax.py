@@ -62,23 +62,39 @@ def _backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
 _softmax = _eager.differentiable(_softmax_op, _softmax_impl, _backward, _setup)
 
 
-# Fewer rows than this go straight to torch.softmax: the custom op's dispatch (forward and
-# backward) costs more than the whole softmax of a small batch (measured: 0.74-0.94x of torch at
-# T = 1024 on the lent 16-core machine, 1.5-7x faster from T = 8192).
-MIN_KERNEL_ROWS = 2048
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    # A constant for torch.compile (torch.get_num_threads() would break the graph): a compiled
+    # graph keeps the path chosen for the thread count it was traced with; both compute the same.
+    return _backend.num_threads()
+
+
+def kernel_min_rows(num_experts: int, threads: int) -> int:
+    """Fewest rows for which :func:`softmax` runs the Rust kernel; smaller batches use
+    ``torch.softmax`` itself (same semantics).
+
+    Measured forward + backward against ``torch.softmax`` on the lent 16-core Xeon (2026-12-01,
+    eager path): at 1-2 threads and few experts the kernel wins from 1024 rows (T=1024, E=8, 2
+    threads: 1.3-2.3x; a row of 8 is torch's slow case, and torch has no threads to spread it
+    over); with 16 threads, or E=64, torch's own softmax is faster up to a few thousand rows
+    (T=2048: 0.41-0.50x at 16 threads, 0.51-0.60x for E=64 at 2 threads), and the kernel wins
+    from 8192 rows (1.3-5.2x at 1-16 threads in the benchmark runs; one 16-thread run of E=8
+    measured 0.78x).
+    """
+    return 1024 if num_experts <= 16 and threads <= 2 else 8192
 
 
 def softmax(logits: torch.Tensor) -> torch.Tensor:
     """``torch.softmax(logits, dim=-1)`` for logits of any rank >= 1 (differentiable).
 
     A fast path for router probabilities ``[T, E]``: the rows are independent and short. Batches
-    of fewer than ``MIN_KERNEL_ROWS`` rows use ``torch.softmax`` itself (same semantics).
+    of fewer than :func:`kernel_min_rows` rows use ``torch.softmax`` itself (same semantics).
     """
     logits = _checks.tensor(logits, "logits")
     if logits.dim() < 1:
         raise ValueError(f"logits must have at least 1 dimension, got shape {tuple(logits.shape)}")
     shape = logits.shape
     rows = logits.reshape(-1, shape[-1]) if logits.dim() != 2 else logits
-    if rows.shape[0] < MIN_KERNEL_ROWS:
+    if rows.shape[0] < kernel_min_rows(shape[-1], _threads()):
         return torch.softmax(logits, dim=-1)
     return _softmax(rows.contiguous()).reshape(shape)
