@@ -79,7 +79,11 @@ def kernel_min_rows(num_experts: int, threads: int) -> int:
     over); with 16 threads, or E=64, torch's own softmax is faster up to a few thousand rows
     (T=2048: 0.41-0.50x at 16 threads, 0.51-0.60x for E=64 at 2 threads), and the kernel wins
     from 8192 rows (1.3-5.2x at 1-16 threads in the benchmark runs; one 16-thread run of E=8
-    measured 0.78x).
+    measured 0.78x). The balance is machine- and torch-dependent: on the 2-core development box
+    (AMD EPYC, torch 2.15, whose softmax over rows of 8 is 3.5x faster than torch 2.11's on the
+    Xeon) the kernel path lost up to 8192 rows of 8 experts at 2 threads (0.41-0.56x) and won 3x
+    at 8192 rows of 64 (``python -m benches.softmax_paths 2``). The semantics are the same on
+    both paths; only the last bits of float32 results may differ.
     """
     return 1024 if num_experts <= 16 and threads <= 2 else 8192
 
