@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
-from typing import Callable, List, Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -19,19 +18,15 @@ from moerust import ops
 from moerust.nn import MoE, MoEConfig
 from moerust.ops.experts import _expert_mlp_backward_op, _expert_mlp_impl
 
+from .timing import times_ms
+
 CONFIGS = [(256, 1024, 8, 2, 2048), (512, 2048, 8, 2, 2048)]
 
 
-def median_min(fn: Callable[[], object], reps: int = 12, warmup: int = 2) -> Tuple[float, float]:
-    """Median and minimum of ``reps`` timed calls (ms), after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times: List[float] = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times)
+def median_min(fn: Callable[[], object]) -> Tuple[float, float]:
+    """Median and minimum of 10 timed calls (ms), after 2 untimed ones."""
+    times = times_ms(fn, reps=10, warmup=2)
+    return statistics.median(times), times[0]
 
 
 def run(threads: int, d: int, ff: int, e: int, k: int, t: int) -> None:

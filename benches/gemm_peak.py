@@ -5,23 +5,12 @@ compared with in BENCHMARKS.md). Usage: ``python -m benches.gemm_peak [N]``."""
 from __future__ import annotations
 
 import sys
-import time
-from typing import Callable
 
 import torch
 
+from .timing import times_ms
+
 SHAPES = [(4096, 4096, 4096), (512, 256, 2048), (512, 1024, 256), (4096, 256, 2048), (2048, 512, 4096), (512, 512, 4096)]
-
-
-def best_seconds(fn: Callable[[], object], reps: int = 5) -> float:
-    """Fastest of ``reps`` timed calls after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv: "list[str]") -> int:
@@ -30,7 +19,7 @@ def main(argv: "list[str]") -> int:
         torch.set_num_threads(n)
         for m, k, cols in SHAPES:
             a, b = torch.randn(m, k), torch.randn(k, cols)
-            s = best_seconds(lambda: torch.mm(a, b))
+            s = times_ms(lambda: torch.mm(a, b), reps=5, warmup=1)[0] / 1e3  # the fastest call
             print(f"threads={n} {m}x{k}x{cols}: {s * 1e3:.2f} ms, {2 * m * k * cols / s / 1e9:.0f} GFLOP/s", flush=True)
     return 0
 

@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 
+from .timing import median_ms
+
 DEFAULT = "moerust,hf-eager,hf-grouped_mm,bound,hf-moerust"
-
-
-def median_ms(step: Callable[[], object], reps: int = 8, warmup: int = 2) -> float:
-    """Median wall time of ``step`` in milliseconds."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e3
 
 
 def main(argv: "List[str] | None" = None) -> int:

@@ -9,25 +9,12 @@ path's speed-up, three repeats per shape.
 from __future__ import annotations
 
 import sys
-import time
-from typing import Callable
 
 import torch
 
 from moerust.ops import router_softmax
 
-
-def median_us(fn: Callable[[], object], reps: int = 300, warmup: int = 20) -> float:
-    """Median wall time of ``fn`` in microseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1e6
+from .timing import median_ms
 
 
 def main(argv: "list[str]") -> int:
@@ -45,7 +32,7 @@ def main(argv: "list[str]") -> int:
                 logits.grad = None
                 router_softmax._softmax(logits).backward(up)
 
-            runs = [(median_us(with_torch), median_us(with_kernel)) for _ in range(3)]
+            runs = [(median_ms(with_torch, 300, 20) * 1e3, median_ms(with_kernel, 300, 20) * 1e3) for _ in range(3)]
             cells = "  ".join(f"torch {a:.1f} kernel {b:.1f} ({a / b:.2f}x)" for a, b in runs)
             print(f"T={t} E={e} threads={torch.get_num_threads()}: {cells}", flush=True)
     return 0
