@@ -10,6 +10,8 @@ import torch
 
 import moerust
 
+from .timing import warm_process
+
 THREADS = int(os.environ.get("MOERUST_BENCH_THREADS", str(torch.get_num_threads())))
 SMALL = os.environ.get("MOERUST_BENCH_SIZES", "") == "small"
 torch.set_num_threads(THREADS)
@@ -30,21 +32,6 @@ def _seed() -> None:
 
 @pytest.fixture(autouse=True, scope="session")
 def _warm_process() -> None:
-    """About a second of parallel torch and moerust work before the first benchmark.
-
-    Why: the first cases of a fresh process ran 10-100x slower on the lent VM for a while (its
-    threads and pages were still being set up), which a 10-round benchmark cannot average away.
-    """
-    import time
-
-    from moerust import ops
-
-    x = torch.randn(8192, 256, requires_grad=True)
-    a = torch.randn(512, 512)
-    end = time.perf_counter() + 1.0
-    while time.perf_counter() < end:
-        probs = ops.softmax(x[:, :64])
-        idx = ops.topk_route(probs.detach(), 2)
-        plan = ops.dispatch_plan(idx, 64)
-        ops.combine(ops.gather(x, plan), probs.gather(1, idx), plan).sum().backward()
-        a @ a
+    """About a second of parallel torch and moerust work before the first benchmark
+    (:func:`benches.timing.warm_process` says why)."""
+    warm_process()

@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import torch
 
-from .timing import median_ms
+from .timing import median_ms, warm_process
 
 DEFAULT = "moerust,hf-eager,hf-grouped_mm,bound,hf-moerust"
 
@@ -27,6 +27,8 @@ def main(argv: "List[str] | None" = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from .test_bench_moe import build
+
+    warm_process()
 
     results: Dict[str, List[float]] = {}
     for p in range(args.passes):

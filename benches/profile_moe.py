@@ -8,6 +8,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from .timing import median_ms, warm_process
+
 
 def main(argv: list) -> int:
     variant, *dims = argv[:6]
@@ -15,14 +17,14 @@ def main(argv: list) -> int:
     torch.set_num_threads(threads)
     from .test_bench_moe import build
 
+    warm_process()
     step, _ = build(variant, *map(int, dims))
-    for _ in range(3):
-        step()
+    print(f"median step without the profiler: {median_ms(step, reps=20):.3f} ms")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
+        for _ in range(10):
             step()
-    print(f"{variant} d/ff/E/k/T={'/'.join(dims)} threads={threads} (5 steps)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    print(f"{variant} d/ff/E/k/T={'/'.join(dims)} threads={threads} (10 steps)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     return 0
 
 

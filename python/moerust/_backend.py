@@ -128,18 +128,27 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def rust_handles(*tensors: torch.Tensor) -> bool:
-    """Whether the Rust kernels should run for these tensors under the active backend."""
-    if get_backend() != "rust":
+    """Whether the Rust kernels should run for these tensors under the active backend: all on
+    the CPU, with at most one floating-point dtype, float32 or float64."""
+    if (_backend or get_backend()) != "rust":
         return False
-    if any(t.device.type != "cpu" for t in tensors):
-        return False
-    float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-    return len(float_dtypes) <= 1 and float_dtypes <= set(RUST_DTYPES)
+    dtype: Optional[torch.dtype] = None
+    for t in tensors:  # a plain loop: this runs for every kernel call
+        if not t.is_cpu:
+            return False
+        if t.is_floating_point():
+            if dtype is None:
+                dtype = t.dtype
+            elif t.dtype != dtype:
+                return False
+    return dtype is None or dtype in RUST_DTYPES
 
 
 def numpy_view(t: torch.Tensor) -> Any:
     """A contiguous numpy view of a CPU tensor's data (a copy only when it is not contiguous)."""
-    return t.detach().contiguous().numpy()
+    if t.requires_grad:
+        t = t.detach()
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
 
 
 def num_threads() -> int:

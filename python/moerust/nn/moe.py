@@ -219,11 +219,8 @@ class MoE(nn.Module):
             capacity = self.capacity(routed)
         plan = ops.dispatch_plan(r.idx, c.num_experts, capacity)
         assigned = plan.num_rows + plan.dropped  # every routed slot is kept or dropped
-        xs = ops.gather(x2, plan)
-        ys = self.experts(xs, plan.offsets)
-        y = ops.combine(ys, r.weights.to(ys.dtype), plan)
-        if self.shared is not None:
-            y = y + self.shared(x2)
+        # The losses and statistics need only the routing: they run before the expert kernels,
+        # whose buffers would otherwise have pushed this Python-heavy bookkeeping out of cache.
         counts = plan.counts if plan.capacity is None else expert_counts(r.idx, c.num_experts)
         weights = c.loss_weights()
         losses = self._losses(r, counts, weights)
@@ -231,8 +228,15 @@ class MoE(nn.Module):
         terms = [w * losses[name] for name, w in weights.items() if w != 0]
         weighted = sum(terms[1:], terms[0]) if terms else r.probs.new_zeros(())
         if self.training:
-            self._load_since_step = self._load_since_step.to(plan.counts.device) + plan.counts
+            if self._load_since_step.device != plan.counts.device:
+                self._load_since_step = self._load_since_step.to(plan.counts.device)
+            self._load_since_step.add_(plan.counts)
         stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
+        xs = ops.gather(x2, plan)
+        ys = self.experts(xs, plan.offsets)
+        y = ops.combine(ys, r.weights.to(ys.dtype), plan)
+        if self.shared is not None:
+            y = y + self.shared(x2)
         return y.reshape(shape), MoEAux(losses, weighted, stats, r)
 
     def _losses(self, r: RouterOutput, counts: torch.Tensor, weights: Dict[str, float]) -> "Losses":

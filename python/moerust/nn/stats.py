@@ -64,19 +64,26 @@ class RouterStats(nn.Module):
             return torch.full((self.num_experts,), 1.0 / self.num_experts, dtype=torch.float64)
         return self.ema.cpu() / (1.0 - self.beta**n)
 
-    @torch.no_grad()
     def update(self, load: torch.Tensor, tokens: int, assigned: int, dropped: int) -> RoutingStats:
         """Folds in one pass: ``load`` kept rows per expert, ``tokens`` T, ``assigned`` routed
         slots before capacity, ``dropped`` slots dropped by it."""
-        # E numbers: plain Python (one transfer) is cheaper than a dozen tiny torch ops.
+        # E numbers: plain Python (one transfer each way) is cheaper than a dozen tiny torch ops,
+        # and this runs on every forward of every layer.
+        # (No autograd: the load is detached and the buffers never require grad.)
         counts = [int(v) for v in load.detach().cpu().tolist()]
         total = sum(counts)
         e = self.num_experts
-        share = [c / total for c in counts] if total > 0 else [1.0 / e] * e
         if self.training:
-            self.ema.mul_(self.beta).add_(torch.tensor(share, dtype=torch.float64).to(self.ema.device), alpha=1.0 - self.beta)
+            share = [c / total for c in counts] if total > 0 else [1.0 / e] * e
+            ema = self.ema.tolist()
+            beta = self.beta
+            ema = [beta * a + (1.0 - beta) * s for a, s in zip(ema, share)]
+            self.ema.copy_(torch.tensor(ema, dtype=torch.float64))
             self.steps += 1
-        usage = self.usage().tolist()
+        else:
+            ema = self.ema.tolist()
+        n = int(self.steps)
+        usage = [a / (1.0 - self.beta**n) for a in ema] if n > 0 else [1.0 / e] * e
         return RoutingStats(
             load=counts,
             usage=usage,

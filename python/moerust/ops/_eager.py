@@ -21,7 +21,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _plain_eager(args: tuple) -> bool:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    return all(type(a) in _PLAIN and a.device.type != "meta" for a in args if isinstance(a, torch.Tensor))
+    # A loop rather than all(<generator>): this runs for every op and backward of a layer.
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta):
+            return False
+    return True
 
 
 def differentiable(
