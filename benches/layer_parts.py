@@ -1,6 +1,6 @@
 """Where one MoE layer step spends its wall time, per part, without the profiler's own overhead.
 
-Wraps the public ops (``moerust.ops.softmax``, ``topk_route``, ``route_weights``,
+Wraps the public ops (``moerust.ops.softmax``, ``topk_route``, ``route_weights``, ``topk_router``,
 ``dispatch_plan``, ``gather``, ``combine``, ``expert_mlp``), the backward kernels, every native
 call, the layer's losses and its statistics in wall-clock timers, then times 100 steps of a
 ``test_bench_moe.py`` variant. "op X" is the Python entry point with its checks and autograd
@@ -24,13 +24,14 @@ import torch
 
 from .timing import warm_process
 
-PUBLIC_OPS = ["softmax", "topk_route", "topp_route", "route_weights", "dispatch_plan", "gather", "combine", "expert_mlp"]
+PUBLIC_OPS = ["softmax", "topk_route", "topp_route", "route_weights", "topk_router", "dispatch_plan", "gather", "combine", "expert_mlp"]
 BACKWARD_KERNELS = [
     ("dispatch", "_gather_backward_op"),
     ("dispatch", "_combine_backward_op"),
     ("experts", "_expert_mlp_backward_op"),
     ("route_weights", "_route_weights_backward_op"),
     ("router_softmax", "_softmax_backward_op"),
+    ("topk_router", "_topk_router_backward_op"),
 ]
 
 
@@ -52,9 +53,13 @@ def instrument(total: Dict[str, float], calls: Dict[str, int]) -> None:
     native_fn = _backend.native_fn
     _backend.native_fn = lambda name, dtype: timed(f"  native {name}", native_fn(name, dtype))  # type: ignore[assignment]
     for name in PUBLIC_OPS:
-        setattr(ops, name, timed(f"op {name}", getattr(ops, name)))
+        if hasattr(ops, name):  # (older versions lack some; the script also times those)
+            setattr(ops, name, timed(f"op {name}", getattr(ops, name)))
     for module, attr in BACKWARD_KERNELS:
-        mod = importlib.import_module(f"moerust.ops.{module}")
+        try:
+            mod = importlib.import_module(f"moerust.ops.{module}")
+        except ImportError:
+            continue
         setattr(mod, attr, timed(f"bw {attr.strip('_').removesuffix('_op')}", getattr(mod, attr)))
     moe.RouterStats.update = timed("stats update", moe.RouterStats.update)  # type: ignore[method-assign]
     moe.MoE._losses = timed("losses", moe.MoE._losses)  # type: ignore[method-assign]

@@ -91,6 +91,28 @@ def test_route_weights_fwd_bwd(benchmark: Any, backend: str, t: int, e: int, k: 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,e,k", [(t, e, k) for t in TS for e, k in [(8, 2), (64, 8)]])
+def test_topk_router_fwd_bwd(benchmark: Any, backend: str, t: int, e: int, k: int) -> None:
+    """The default router after its matmul: softmax, top-k and weights in one op, forward +
+    backward into the logits (gradients through the weights and through the probabilities,
+    as a balancing loss sends them)."""
+    g = torch.Generator().manual_seed(t + e + k)
+    logits = torch.randn(t, e, generator=g, requires_grad=True)
+    up_w = torch.randn(t, k, generator=g)
+    up_p = torch.randn(e, generator=g)
+
+    def step():  # type: ignore[no-untyped-def]
+        logits.grad = None
+        probs, idx, w = ops.topk_router(logits, k)
+        torch.autograd.backward([w, probs.mean(0)], [up_w, up_p])
+        return w.detach(), idx, logits.grad
+
+    key = ("topk_router", t, e, k)
+    run(benchmark, backend, f"topk_router fwd+bwd T={t} E={e} k={k}", step, key)
+    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6) for u, v in zip(a, b)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t,e,k", [c for c in itertools.product(TS, [8, 64], [1, 2, 8]) if c[2] <= c[1]])
 def test_topk_route(benchmark: Any, backend: str, t: int, e: int, k: int) -> None:
     probs = softmax_probs(t, e)

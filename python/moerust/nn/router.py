@@ -134,6 +134,10 @@ class Router(nn.Module):
             logits = logits / self.temperature
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
+        if self.routing == "softmax_topk" and not self.bias_balance:
+            # softmax -> topk_route -> route_weights as one op (same values, one autograd node).
+            probs, idx, weights = ops.topk_router(logits, self.k, self.renormalize)
+            return RouterOutput(logits, probs, idx, weights, self._topk_counts(x))
         probs = ops.softmax(logits)
         threshold = None
         if self.routing == "topp":
@@ -158,8 +162,10 @@ class Router(nn.Module):
             weights = ops.softmax(logits.gather(1, idx))
         else:
             weights = ops.route_weights(probs, idx, self.renormalize)
-        counts = torch.full((x.shape[0],), self.k, dtype=torch.int64, device=x.device)
-        return RouterOutput(logits, probs, idx, weights, counts)
+        return RouterOutput(logits, probs, idx, weights, self._topk_counts(x))
+
+    def _topk_counts(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0],), self.k, dtype=torch.int64, device=x.device)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ and as a pure-torch twin with identical semantics otherwise (CUDA tensors, bfloa
 
 * :func:`softmax`: router probabilities (last-axis softmax, differentiable).
 * :func:`topk_route`, :func:`topp_route`: expert selection; :func:`route_weights`: their weights
-  (differentiable).
+  (differentiable); :func:`topk_router`: softmax, top-k and weights in one op.
 * :func:`dispatch_plan` -> :class:`Plan`, :func:`gather`, :func:`combine`: token <-> expert
   reordering (gather and combine are differentiable custom ops).
 * :func:`expert_mlp`: every expert's MLP over its rows (differentiable).
@@ -18,6 +18,7 @@ from .lars import lars_
 from .route_weights import route_weights
 from .routing import topk_route, topp_route
 from .router_softmax import softmax
+from .topk_router import topk_router
 from .window import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, sliding_window_mask, sliding_window_tiles
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "sliding_window_tiles",
     "softmax",
     "topk_route",
+    "topk_router",
     "topp_route",
 ]
