@@ -159,6 +159,15 @@ def test_switch_loss_formula() -> None:
     # -1 slots are not assignments
     idx2 = torch.cat([idx, torch.full((16, 1), -1)], 1)
     assert float(mnn.switch_loss(probs, idx2)) == pytest.approx(float(mnn.switch_loss(probs, idx)))
+    # the layer's shortcut: the number of assignments passed in, same value and gradient
+    counts = mnn.expert_counts(idx2, e)
+    p1, p2 = probs.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+    with_total = mnn.switch_loss(p1, idx2, counts=counts, total=idx.numel())
+    without = mnn.switch_loss(p2, idx2, counts=counts)
+    torch.testing.assert_close(with_total, without)
+    with_total.backward()
+    without.backward()
+    torch.testing.assert_close(p1.grad, p2.grad)
 
 
 def test_other_losses_formulas() -> None:

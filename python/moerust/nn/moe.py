@@ -223,7 +223,7 @@ class MoE(nn.Module):
         # whose buffers would otherwise have pushed this Python-heavy bookkeeping out of cache.
         counts = plan.counts if plan.capacity is None else expert_counts(r.idx, c.num_experts)
         weights = c.loss_weights()
-        losses = self._losses(r, counts, weights)
+        losses = self._losses(r, counts, assigned, weights)
         # Zero-weight losses are reported but left out of the sum (and of the backward).
         terms = [w * losses[name] for name, w in weights.items() if w != 0]
         weighted = sum(terms[1:], terms[0]) if terms else r.probs.new_zeros(())
@@ -239,7 +239,8 @@ class MoE(nn.Module):
             y = y + self.shared(x2)
         return y.reshape(shape), MoEAux(losses, weighted, stats, r)
 
-    def _losses(self, r: RouterOutput, counts: torch.Tensor, weights: Dict[str, float]) -> "Losses":
+    def _losses(self, r: RouterOutput, counts: torch.Tensor, assigned: int, weights: Dict[str, float]) -> "Losses":
+        # ``counts``: assignments per expert before capacity drops, ``assigned`` their sum.
         c = self.config
         grad = torch.is_grad_enabled()
         p_mean: Optional[torch.Tensor] = None
@@ -257,7 +258,7 @@ class MoE(nn.Module):
                 return self.global_balance.loss(r.probs, r.idx)
             if c.balance == "none":
                 return r.probs.new_zeros(())
-            return switch_loss(r.probs, r.idx, counts=counts, p_mean=mean_probs())
+            return switch_loss(r.probs, r.idx, counts=counts, p_mean=mean_probs(), total=assigned)
 
         formulas = {
             "balance": balance,
