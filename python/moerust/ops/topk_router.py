@@ -25,23 +25,21 @@ from .._backend import numpy_view as _np
 from . import _checks, _eager
 from .route_weights import _backward_torch as _route_weights_backward_torch
 from .route_weights import _forward_torch as _route_weights_torch
-from .router_softmax import _threads, kernel_min_rows
+from .router_softmax import _softmax_backward_op, _softmax_impl, _threads, kernel_min_rows
 from .routing import topk_route_torch
 
 
-def _kernel_softmax(logits: torch.Tensor) -> bool:
-    """Whether :func:`moerust.ops.softmax` would take the Rust kernel for these logits."""
-    return _backend.rust_handles(logits) and logits.shape[0] >= kernel_min_rows(logits.shape[1], _threads())
+def _softmax_op_rows(logits: torch.Tensor) -> bool:
+    """Whether :func:`moerust.ops.softmax` sends these logits through its own op (the Rust kernel
+    on the Rust backend; forward ``torch.softmax`` and a formula backward on the torch one) rather
+    than to ``torch.softmax`` itself. ``topk_router`` takes the same path, so its bits match."""
+    return logits.shape[0] >= kernel_min_rows(logits.shape[1], _threads())
 
 
 def _topk_router_impl(logits: torch.Tensor, k: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, num_experts = logits.shape
+    rows = logits.shape[0]
     threads = _backend.num_threads()
-    if _kernel_softmax(logits):
-        probs = _backend.empty(rows, num_experts, dtype=logits.dtype)
-        _backend.native_fn("softmax", logits.dtype)(_np(logits), probs.numpy(), threads)
-    else:
-        probs = torch.softmax(logits.detach(), dim=-1)
+    probs = _softmax_impl(logits) if _softmax_op_rows(logits) else torch.softmax(logits.detach(), dim=-1)
     if _backend.rust_handles(probs):
         p = _np(probs)
         idx = _backend.empty(rows, k, dtype=torch.int64)
@@ -69,7 +67,7 @@ def _topk_router_backward_op(
     probs: torch.Tensor,
     idx: torch.Tensor,
     renormalize: bool,
-    kernel_softmax: bool,
+    softmax_op: bool,
 ) -> torch.Tensor:
     threads = _backend.num_threads()
     if _backend.rust_handles(grad_weights, probs, idx):
@@ -81,17 +79,14 @@ def _topk_router_backward_op(
         dp = _route_weights_backward_torch(grad_weights, probs, idx, renormalize)
     if grad_probs is not None:
         dp = dp.add_(grad_probs)
-    # The softmax backward of the path the forward took (kernel or torch.softmax), as the
-    # composed ops would run it.
-    if kernel_softmax and _backend.rust_handles(dp, probs):
-        out = _backend.empty(*probs.shape, dtype=probs.dtype)
-        _backend.native_fn("softmax_backward", probs.dtype)(_np(dp), _np(probs), out.numpy(), threads)
-        return out
+    # The softmax backward of the path the forward took, as the composed ops would run it.
+    if softmax_op:
+        return _softmax_backward_op.fn(dp, probs)
     return torch._softmax_backward_data(dp, probs, -1, probs.dtype)
 
 
 @_topk_router_backward_op.register_fake
-def _(grad_probs, grad_weights, probs, idx, renormalize, kernel_softmax):  # type: ignore[no-untyped-def]
+def _(grad_probs, grad_weights, probs, idx, renormalize, softmax_op):  # type: ignore[no-untyped-def]
     return torch.empty_like(probs)
 
 
@@ -99,7 +94,7 @@ def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.
     logits, _, renormalize = inputs
     probs, idx, _ = output
     ctx.renormalize = renormalize
-    ctx.kernel_softmax = _kernel_softmax(logits)  # the forward's choice, for its backward
+    ctx.softmax_op = _softmax_op_rows(logits)  # the forward's choice, for its backward
     ctx.mark_non_differentiable(idx)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(probs, idx)
@@ -113,7 +108,7 @@ def _backward(
         grad_weights = torch.zeros(idx.shape, dtype=probs.dtype, device=probs.device)
     if grad_probs is not None:
         grad_probs = grad_probs.contiguous()
-    dlogits = _topk_router_backward_op(grad_probs, grad_weights.contiguous(), probs, idx, ctx.renormalize, ctx.kernel_softmax)
+    dlogits = _topk_router_backward_op(grad_probs, grad_weights.contiguous(), probs, idx, ctx.renormalize, ctx.softmax_op)
     return dlogits, None, None
 
 
