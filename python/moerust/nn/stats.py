@@ -59,10 +59,14 @@ class RouterStats(nn.Module):
 
     def usage(self) -> torch.Tensor:
         """The bias-corrected EMA of usage shares (uniform before the first update)."""
+        return torch.tensor(self._usage_of(self.ema.tolist()), dtype=torch.float64)
+
+    def _usage_of(self, ema: List[float]) -> List[float]:
+        """``ema`` (this module's EMA values) bias-corrected for the steps taken so far."""
         n = int(self.steps)
         if n == 0:
-            return torch.full((self.num_experts,), 1.0 / self.num_experts, dtype=torch.float64)
-        return self.ema.cpu() / (1.0 - self.beta**n)
+            return [1.0 / self.num_experts] * self.num_experts
+        return [a / (1.0 - self.beta**n) for a in ema]
 
     def update(self, load: torch.Tensor, tokens: int, assigned: int, dropped: int) -> RoutingStats:
         """Folds in one pass: ``load`` kept rows per expert, ``tokens`` T, ``assigned`` routed
@@ -73,17 +77,14 @@ class RouterStats(nn.Module):
         counts = [int(v) for v in load.detach().cpu().tolist()]
         total = sum(counts)
         e = self.num_experts
+        ema = self.ema.tolist()
         if self.training:
             share = [c / total for c in counts] if total > 0 else [1.0 / e] * e
-            ema = self.ema.tolist()
             beta = self.beta
             ema = [beta * a + (1.0 - beta) * s for a, s in zip(ema, share)]
             self.ema.copy_(torch.tensor(ema, dtype=torch.float64))
             self.steps += 1
-        else:
-            ema = self.ema.tolist()
-        n = int(self.steps)
-        usage = [a / (1.0 - self.beta**n) for a in ema] if n > 0 else [1.0 / e] * e
+        usage = self._usage_of(ema)
         return RoutingStats(
             load=counts,
             usage=usage,

@@ -88,6 +88,13 @@ def kernel_min_rows(num_experts: int, threads: int) -> int:
     return 1024 if num_experts <= 16 and threads <= 2 else 8192
 
 
+def _takes_kernel_op(rows: torch.Tensor) -> bool:
+    """Whether :func:`softmax` sends these ``[T, E]`` rows through its own op (the Rust kernel on
+    the Rust backend; ``torch.softmax`` forward and a formula backward on the torch one) rather
+    than to ``torch.softmax`` itself. ``topk_router`` asks the same, so its bits match."""
+    return rows.shape[0] >= kernel_min_rows(rows.shape[1], _threads())
+
+
 def softmax(logits: torch.Tensor) -> torch.Tensor:
     """``torch.softmax(logits, dim=-1)`` for logits of any rank >= 1 (differentiable).
 
@@ -99,6 +106,6 @@ def softmax(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"logits must have at least 1 dimension, got shape {tuple(logits.shape)}")
     shape = logits.shape
     rows = logits.reshape(-1, shape[-1]) if logits.dim() != 2 else logits
-    if rows.shape[0] < kernel_min_rows(shape[-1], _threads()):
+    if not _takes_kernel_op(rows):
         return torch.softmax(logits, dim=-1)
     return _softmax(rows.contiguous()).reshape(shape)

@@ -34,10 +34,14 @@ def topk_route(probs: torch.Tensor, k: int) -> torch.Tensor:
     k = _checks.integer(k, "k", lo=1, hi=max(num_experts, 1))
     if num_experts == 0:
         raise ValueError("probs must have at least one expert column, got shape (T, 0)")
+    return _topk_route_impl(probs, k)
+
+
+def _topk_route_impl(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_route` after its checks: the Rust kernel or the torch twin."""
     if _backend.rust_handles(probs):
-        x = probs.detach().contiguous()
         out = _backend.empty(probs.shape[0], k, dtype=torch.int64)
-        _backend.native_fn("topk_route", x.dtype)(x.numpy(), out.numpy(), _backend.num_threads())
+        _backend.native_fn("topk_route", probs.dtype)(_backend.numpy_view(probs), out.numpy(), _backend.num_threads())
         return out
     return topk_route_torch(probs, k)
 

@@ -20,35 +20,17 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from .. import _backend
-from .._backend import numpy_view as _np
 from . import _checks, _eager
-from .route_weights import _backward_torch as _route_weights_backward_torch
-from .route_weights import _forward_torch as _route_weights_torch
-from .router_softmax import _softmax_backward_op, _softmax_impl, _threads, kernel_min_rows
-from .routing import topk_route_torch
-
-
-def _softmax_op_rows(logits: torch.Tensor) -> bool:
-    """Whether :func:`moerust.ops.softmax` sends these logits through its own op (the Rust kernel
-    on the Rust backend; forward ``torch.softmax`` and a formula backward on the torch one) rather
-    than to ``torch.softmax`` itself. ``topk_router`` takes the same path, so its bits match."""
-    return logits.shape[0] >= kernel_min_rows(logits.shape[1], _threads())
+from .route_weights import _route_weights_backward_op, _route_weights_impl
+from .router_softmax import _softmax_backward_op, _softmax_impl, _takes_kernel_op
+from .routing import _topk_route_impl
 
 
 def _topk_router_impl(logits: torch.Tensor, k: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = logits.shape[0]
-    threads = _backend.num_threads()
-    probs = _softmax_impl(logits) if _softmax_op_rows(logits) else torch.softmax(logits.detach(), dim=-1)
-    if _backend.rust_handles(probs):
-        p = _np(probs)
-        idx = _backend.empty(rows, k, dtype=torch.int64)
-        _backend.native_fn("topk_route", probs.dtype)(p, idx.numpy(), threads)
-        weights = _backend.empty(rows, k, dtype=probs.dtype)
-        _backend.native_fn("route_weights", probs.dtype)(p, idx.numpy(), renormalize, weights.numpy(), threads)
-        return probs, idx, weights
-    idx = topk_route_torch(probs, k)
-    return probs, idx, _route_weights_torch(probs, idx, renormalize)
+    # The three ops' own implementations (each picks the Rust kernel or its torch twin).
+    probs = _softmax_impl(logits) if _takes_kernel_op(logits) else torch.softmax(logits.detach(), dim=-1)
+    idx = _topk_route_impl(probs, k)
+    return probs, idx, _route_weights_impl(probs, idx, renormalize)
 
 
 _topk_router_op = torch.library.custom_op("moerust::topk_router", mutates_args=())(_topk_router_impl)
@@ -69,14 +51,8 @@ def _topk_router_backward_op(
     renormalize: bool,
     softmax_op: bool,
 ) -> torch.Tensor:
-    threads = _backend.num_threads()
-    if _backend.rust_handles(grad_weights, probs, idx):
-        dp = _backend.empty(*probs.shape, dtype=probs.dtype)
-        _backend.native_fn("route_weights_backward", probs.dtype)(
-            _np(grad_weights), _np(probs), _np(idx), renormalize, dp.numpy(), threads
-        )
-    else:
-        dp = _route_weights_backward_torch(grad_weights, probs, idx, renormalize)
+    # The backward kernels themselves (.fn: this already is a backward op, one op for compile).
+    dp = _route_weights_backward_op.fn(grad_weights, probs, idx, renormalize)
     if grad_probs is not None:
         dp = dp.add_(grad_probs)
     # The softmax backward of the path the forward took, as the composed ops would run it.
@@ -94,7 +70,7 @@ def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.
     logits, _, renormalize = inputs
     probs, idx, _ = output
     ctx.renormalize = renormalize
-    ctx.softmax_op = _softmax_op_rows(logits)  # the forward's choice, for its backward
+    ctx.softmax_op = _takes_kernel_op(logits)  # the forward's choice, for its backward
     ctx.mark_non_differentiable(idx)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(probs, idx)
