@@ -18,7 +18,7 @@ from moerust import ops
 from moerust.nn import MoE, MoEConfig
 from moerust.ops.experts import _expert_mlp_backward_op, _expert_mlp_impl
 
-from .timing import times_ms
+from .timing import times_ms, warm_process
 
 CONFIGS = [(256, 1024, 8, 2, 2048), (512, 2048, 8, 2, 2048)]
 
@@ -65,6 +65,7 @@ def run(threads: int, d: int, ff: int, e: int, k: int, t: int) -> None:
 def main(argv: "list[str]") -> int:
     threads = int(argv[0]) if argv else torch.get_num_threads()
     torch.set_num_threads(threads)
+    warm_process()
     configs = [tuple(map(int, argv[1:6]))] if len(argv) >= 6 else CONFIGS
     for cfg in configs:
         run(threads, *cfg)

@@ -8,13 +8,14 @@ import sys
 
 import torch
 
-from .timing import times_ms
+from .timing import times_ms, warm_process
 
 SHAPES = [(4096, 4096, 4096), (512, 256, 2048), (512, 1024, 256), (4096, 256, 2048), (2048, 512, 4096), (512, 512, 4096)]
 
 
 def main(argv: "list[str]") -> int:
     threads = int(argv[0]) if argv else torch.get_num_threads()
+    warm_process()
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
         for m, k, cols in SHAPES:

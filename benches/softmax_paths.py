@@ -14,11 +14,12 @@ import torch
 
 from moerust.ops import router_softmax
 
-from .timing import median_ms
+from .timing import median_ms, warm_process
 
 
 def main(argv: "list[str]") -> int:
     torch.set_num_threads(int(argv[0]) if argv else torch.get_num_threads())
+    warm_process()
     for t in (256, 1024, 2048, 8192):
         for e in (8, 64):
             logits = torch.randn(t, e, requires_grad=True)
