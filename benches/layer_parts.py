@@ -24,7 +24,7 @@ import torch
 
 from .timing import warm_process
 
-PUBLIC_OPS = ["softmax", "topk_route", "topp_route", "route_weights", "topk_router", "dispatch_plan", "gather", "combine", "expert_mlp"]
+PUBLIC_OPS = ["softmax", "topk_route", "topp_route", "route_weights", "topk_router", "dispatch_plan", "gather", "combine", "expert_mlp", "routed_experts"]
 BACKWARD_KERNELS = [
     ("dispatch", "_gather_backward_op"),
     ("dispatch", "_combine_backward_op"),
@@ -32,6 +32,7 @@ BACKWARD_KERNELS = [
     ("route_weights", "_route_weights_backward_op"),
     ("router_softmax", "_softmax_backward_op"),
     ("topk_router", "_topk_router_backward_op"),
+    ("routed_experts", "_routed_experts_backward_op"),
 ]
 
 

@@ -12,6 +12,7 @@ pub mod omp_team;
 pub mod pool;
 pub mod real;
 pub mod route_weights;
+pub mod routed_experts;
 pub mod routing;
 pub mod softmax;
 pub mod stream;

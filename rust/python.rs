@@ -18,6 +18,7 @@ use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
 use crate::pool;
 use crate::route_weights;
+use crate::routed_experts::{self, PlanView, Scratch};
 use crate::routing;
 use crate::softmax;
 use crate::threads::with_team;
@@ -378,6 +379,122 @@ macro_rules! mlp_kernels {
     };
 }
 
+macro_rules! routed_expert_kernels {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        /// Gather -> expert MLPs -> combine into `xs [R, d]`, `h [R, H1]`, `ys [R, d]` (kept for
+        /// the backward) and `y [T, d]`.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments)]
+        fn $fwd<'py>(
+            py: Python<'py>,
+            x: PyReadonlyArray2<'py, $t>,
+            weights: PyReadonlyArray2<'py, $t>,
+            plan: PlanArrays<'py>,
+            w1: PyReadonlyArray3<'py, $t>,
+            w2: PyReadonlyArray3<'py, $t>,
+            activation: &str,
+            mut xs: PyReadwriteArray2<'py, $t>,
+            mut h: PyReadwriteArray2<'py, $t>,
+            mut ys: PyReadwriteArray2<'py, $t>,
+            mut y: PyReadwriteArray2<'py, $t>,
+            threads: usize,
+        ) -> PyResult<()> {
+            let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
+            let t = x.shape()[0];
+            let (xv, wv, a, b) = (
+                slice!(x, "x"),
+                slice!(weights, "weights"),
+                slice!(w1, "w1"),
+                slice!(w2, "w2"),
+            );
+            let view = plan_view(&plan)?;
+            let (xsv, hv, ysv, yv) = (
+                slice_mut!(xs, "xs"),
+                slice_mut!(h, "h"),
+                slice_mut!(ys, "ys"),
+                slice_mut!(y, "y"),
+            );
+            // The expert kernel's work sizes the team, as in `expert_mlp_forward`: same team,
+            // same bits as the separate ops.
+            Ok(run_team(py, threads, mlp_work(&s), || {
+                routed_experts::routed_experts_forward(&s, xv, t, wv, view, a, b, xsv, hv, ysv, yv)
+            })?)
+        }
+
+        /// Backward of the routed experts from `grad [T, d]` into `dx [T, d]`, `dweights [T, K]`,
+        /// `dw1` and `dw2`; `grad_ys` and `grad_xs` (`[R, d]`) are scratch.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments)]
+        fn $bwd<'py>(
+            py: Python<'py>,
+            grad: PyReadonlyArray2<'py, $t>,
+            saved: (PyReadonlyArray2<'py, $t>, PyReadonlyArray2<'py, $t>, PyReadonlyArray2<'py, $t>),
+            weights: PyReadonlyArray2<'py, $t>,
+            plan: PlanArrays<'py>,
+            w1: PyReadonlyArray3<'py, $t>,
+            w2: PyReadonlyArray3<'py, $t>,
+            activation: &str,
+            scratch: (PyReadwriteArray2<'py, $t>, PyReadwriteArray2<'py, $t>),
+            outputs: (
+                PyReadwriteArray2<'py, $t>,
+                PyReadwriteArray2<'py, $t>,
+                PyReadwriteArray3<'py, $t>,
+                PyReadwriteArray3<'py, $t>,
+            ),
+            threads: usize,
+        ) -> PyResult<()> {
+            let (xs, h, ys) = saved;
+            let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
+            let t = grad.shape()[0];
+            let saved = (slice!(xs, "xs"), slice!(h, "h"), slice!(ys, "ys"));
+            let (g, wv, a, b) = (
+                slice!(grad, "grad"),
+                slice!(weights, "weights"),
+                slice!(w1, "w1"),
+                slice!(w2, "w2"),
+            );
+            let view = plan_view(&plan)?;
+            let (mut gys, mut gxs) = scratch;
+            let scratch = Scratch {
+                grad_ys: slice_mut!(gys, "grad_ys"),
+                grad_xs: slice_mut!(gxs, "grad_xs"),
+            };
+            let (mut dx, mut dw, mut dw1, mut dw2) = outputs;
+            let (dxv, dwv, da, db) = (
+                slice_mut!(dx, "dx"),
+                slice_mut!(dw, "dweights"),
+                slice_mut!(dw1, "dw1"),
+                slice_mut!(dw2, "dw2"),
+            );
+            Ok(run_team(py, threads, 2 * mlp_work(&s), || {
+                routed_experts::routed_experts_backward(
+                    &s, g, t, saved, wv, view, a, b, scratch, dxv, dwv, da, db,
+                )
+            })?)
+        }
+    };
+}
+
+/// A dispatch plan's arrays as Python passes them: `(row_token, row_slot, slot_row, offsets)`.
+type PlanArrays<'py> = (
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray2<'py, i64>,
+    PyReadonlyArray1<'py, i64>,
+);
+
+fn plan_view<'a>(plan: &'a PlanArrays<'_>) -> PyResult<PlanView<'a>> {
+    Ok(PlanView {
+        row_token: slice!(plan.0, "plan.row_token"),
+        row_slot: slice!(plan.1, "plan.row_slot"),
+        slot_row: slice!(plan.2, "plan.slot_row"),
+        offsets: slice!(plan.3, "plan.offsets"),
+    })
+}
+
+routed_expert_kernels!(f32, routed_experts_forward_f32, routed_experts_backward_f32);
+routed_expert_kernels!(f64, routed_experts_forward_f64, routed_experts_backward_f64);
+
 macro_rules! softmax_kernels {
     ($t:ty, $fwd:ident, $bwd:ident) => {
         /// Softmax of each row of `logits [T, E]` into `out [T, E]`.
@@ -672,6 +789,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expert_mlp_forward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(expert_mlp_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(expert_mlp_backward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(routed_experts_forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(routed_experts_forward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(routed_experts_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(routed_experts_backward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp_team, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(pooled_empty, m)?)?;

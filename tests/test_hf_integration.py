@@ -96,14 +96,15 @@ def test_register_is_idempotent_and_switchable(saved_models: Dict[str, str]) -> 
 
 def test_the_fused_kernel_really_runs(saved_models: Dict[str, str], monkeypatch: Any) -> None:
     calls = []
-    real = mt.ops.expert_mlp
+    real = mt.ops.routed_experts
 
     def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(args[0].shape)
+        x, _, plan = args[:3]
+        calls.append((tuple(x.shape), plan.num_rows))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mt.ops, "expert_mlp", spy)
+    monkeypatch.setattr(mt.ops, "routed_experts", spy)
     ids = torch.randint(0, 101, (2, 6))
     _run(saved_models["qwen3_moe"], "moerust", ids)
     assert len(calls) == 2  # one call per MoE layer
-    assert all(shape == (2 * 6 * 3, 32) for shape in calls)  # T * k rows of width d
+    assert all(call == ((2 * 6, 32), 2 * 6 * 3) for call in calls)  # T tokens of width d, T * k rows

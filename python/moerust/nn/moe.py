@@ -4,8 +4,11 @@ Each piece is small and separate (as in torchtitan's MoE): :class:`~moerust.nn.R
 experts, :func:`moerust.ops.dispatch_plan` sorts (token, slot) pairs by expert,
 :func:`moerust.ops.gather` builds the expert-sorted rows, :class:`GroupedExperts` runs every
 expert's MLP on its contiguous rows (:func:`moerust.ops.expert_mlp`), and
-:func:`moerust.ops.combine` sums the weighted rows back per token. The layer returns the output
-and a :class:`MoEAux` with the balancing losses (each on its own) and routing statistics.
+:func:`moerust.ops.combine` sums the weighted rows back per token. The layer runs the last three
+as one op (:meth:`GroupedExperts.routed`, :func:`moerust.ops.routed_experts`): the same kernels
+and bits, without a Python entry and autograd node around each small kernel. The layer returns
+the output and a :class:`MoEAux` with the balancing losses (each on its own) and routing
+statistics.
 """
 
 from __future__ import annotations
@@ -171,6 +174,11 @@ class GroupedExperts(nn.Module):
         """Expert-sorted rows ``xs [R, d]`` (expert e owns ``offsets[e]:offsets[e+1]``) -> ``[R, d]``."""
         return ops.expert_mlp(xs, self.w1, self.w2, offsets, self.activation)
 
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, plan: ops.Plan) -> torch.Tensor:
+        """Tokens ``x [T, d]`` through their routed experts, summed with the slot ``weights [T, K]``
+        (gather, :meth:`forward` and combine in one op: :func:`moerust.ops.routed_experts`)."""
+        return ops.routed_experts(x, weights, plan, self.w1, self.w2, self.activation)
+
 
 class MoE(nn.Module):
     """A Mixture-of-Experts feed-forward layer; ``forward(x) -> (y, MoEAux)``.
@@ -232,9 +240,7 @@ class MoE(nn.Module):
                 self._load_since_step = self._load_since_step.to(plan.counts.device)
             self._load_since_step.add_(plan.counts)
         stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
-        xs = ops.gather(x2, plan)
-        ys = self.experts(xs, plan.offsets)
-        y = ops.combine(ys, r.weights.to(ys.dtype), plan)
+        y = self.experts.routed(x2, r.weights.to(x2.dtype), plan)
         if self.shared is not None:
             y = y + self.shared(x2)
         return y.reshape(shape), MoEAux(losses, weighted, stats, r)

@@ -8,6 +8,7 @@ and as a pure-torch twin with identical semantics otherwise (CUDA tensors, bfloa
 * :func:`dispatch_plan` -> :class:`Plan`, :func:`gather`, :func:`combine`: token <-> expert
   reordering (gather and combine are differentiable custom ops).
 * :func:`expert_mlp`: every expert's MLP over its rows (differentiable).
+* :func:`routed_experts`: gather, expert MLPs and combine in one op (differentiable).
 * :func:`lars_`: in-place LARS / bidirectional gradient scaling.
 * :func:`sliding_window_mask`, :func:`sliding_window_tiles`: windowed attention masks.
 """
@@ -16,6 +17,7 @@ from .dispatch import Plan, combine, dispatch_plan, gather
 from .experts import expert_mlp
 from .lars import lars_
 from .route_weights import route_weights
+from .routed_experts import routed_experts
 from .routing import topk_route, topp_route
 from .router_softmax import softmax
 from .topk_router import topk_router
@@ -32,6 +34,7 @@ __all__ = [
     "gather",
     "lars_",
     "route_weights",
+    "routed_experts",
     "sliding_window_mask",
     "sliding_window_tiles",
     "softmax",

@@ -167,27 +167,42 @@ def expert_mlp(
         activation: ``"swiglu"`` or ``"gelu"``.
     """
     xs = _checks.tensor(xs, "xs", ndim=2)
+    offsets = _checks.tensor(offsets, "offsets", ndim=1, kind="index")
+    w1, w2 = check_weights(w1, w2, activation, xs, "xs")
+    num_experts = w2.shape[0]
+    if offsets.shape[0] != num_experts + 1:
+        raise ValueError(f"offsets must have {num_experts + 1} entries (E + 1), got {offsets.shape[0]}")
+    offsets = offsets.to(torch.int64)
+    if _backend.rust_handles(xs):
+        offsets = offsets.cpu()
+    check_offsets(offsets, xs.shape[0], "offsets")
+    out, _ = _expert_mlp(xs.contiguous(), w1, w2, offsets, activation)
+    return out
+
+
+def check_weights(
+    w1: torch.Tensor, w2: torch.Tensor, activation: str, x: torch.Tensor, x_name: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Checks the experts' weights (shapes, dtype and device against the input ``x``) and the
+    activation; returns the weights contiguous."""
     w1 = _checks.tensor(w1, "w1", ndim=3)
     w2 = _checks.tensor(w2, "w2", ndim=3)
-    offsets = _checks.tensor(offsets, "offsets", ndim=1, kind="index")
     _checks.one_of(activation, "activation", ACTIVATIONS)
     num_experts, d, hidden = w2.shape
     h1 = hidden_rows(activation, hidden)
     if tuple(w1.shape) != (num_experts, h1, d):
         raise ValueError(f"w1 must have shape {(num_experts, h1, d)} for w2 of shape {tuple(w2.shape)} and {activation}, got {tuple(w1.shape)}")
-    if xs.shape[1] != d:
-        raise ValueError(f"xs must have {d} features (w2 has d = {d}), got {xs.shape[1]}")
-    if offsets.shape[0] != num_experts + 1:
-        raise ValueError(f"offsets must have {num_experts + 1} entries (E + 1), got {offsets.shape[0]}")
+    if x.shape[1] != d:
+        raise ValueError(f"{x_name} must have {d} features (w2 has d = {d}), got {x.shape[1]}")
     for name, t in (("w1", w1), ("w2", w2)):
-        if t.dtype != xs.dtype:
-            raise TypeError(f"{name} must have the dtype of xs ({xs.dtype}), got {t.dtype}")
-        _checks.same_device(name, t, xs, "xs")
-    offsets = offsets.to(torch.int64)
-    if _backend.rust_handles(xs):
-        offsets = offsets.cpu()
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of {x_name} ({x.dtype}), got {t.dtype}")
+        _checks.same_device(name, t, x, x_name)
+    return w1.contiguous(), w2.contiguous()
+
+
+def check_offsets(offsets: torch.Tensor, rows: int, name: str) -> None:
+    """Checks that the int64 ``offsets`` rise from 0 to ``rows`` without decreasing."""
     o = offsets.tolist()
-    if o[0] != 0 or o[-1] != xs.shape[0] or any(b < a for a, b in zip(o, o[1:])):
-        raise ValueError(f"offsets must be non-decreasing from 0 to {xs.shape[0]} (the rows of xs), got {o[0]} .. {o[-1]}")
-    out, _ = _expert_mlp(xs.contiguous(), w1.contiguous(), w2.contiguous(), offsets, activation)
-    return out
+    if o[0] != 0 or o[-1] != rows or any(b < a for a, b in zip(o, o[1:])):
+        raise ValueError(f"{name} must be non-decreasing from 0 to {rows} (the rows of xs), got {o[0]} .. {o[-1]}")
