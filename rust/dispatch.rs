@@ -339,10 +339,63 @@ pub fn combine_backward<F: Real>(
     grad_ys: &mut [F],
     grad_w: &mut [F],
 ) -> KResult<()> {
+    check_len("ys", ys.len(), row_token.len() * d)?;
+    combine_backward_rows(
+        grad,
+        Some(ys),
+        weights,
+        d,
+        row_token,
+        row_slot,
+        slot_row,
+        grad_ys,
+        grad_w,
+    )
+}
+
+/// [`combine_backward`] with `grad_ys` written over `ys` (each row's dot product is taken before
+/// the row is overwritten): for callers whose `ys` is dead after this, it saves an `[R, d]` buffer
+/// at the backward's peak.
+#[allow(clippy::too_many_arguments)]
+pub fn combine_backward_in_place<F: Real>(
+    grad: &[F],
+    ys_then_grad_ys: &mut [F],
+    weights: &[F],
+    d: usize,
+    row_token: &[i64],
+    row_slot: &[i64],
+    slot_row: &[i64],
+    grad_w: &mut [F],
+) -> KResult<()> {
+    combine_backward_rows(
+        grad,
+        None,
+        weights,
+        d,
+        row_token,
+        row_slot,
+        slot_row,
+        ys_then_grad_ys,
+        grad_w,
+    )
+}
+
+/// The body of both: `ys` is `None` when its values are in `grad_ys`.
+#[allow(clippy::too_many_arguments)]
+fn combine_backward_rows<F: Real>(
+    grad: &[F],
+    ys: Option<&[F]>,
+    weights: &[F],
+    d: usize,
+    row_token: &[i64],
+    row_slot: &[i64],
+    slot_row: &[i64],
+    grad_ys: &mut [F],
+    grad_w: &mut [F],
+) -> KResult<()> {
     let r = row_token.len();
     let n = slot_row.len();
     check_len("plan.row_slot", row_slot.len(), r)?;
-    check_len("ys", ys.len(), r * d)?;
     check_len("weights", weights.len(), n)?;
     check_len("grad_ys", grad_ys.len(), r * d)?;
     check_len("grad_w", grad_w.len(), n)?;
@@ -354,10 +407,14 @@ pub fn combine_backward<F: Real>(
         let rows = rows_per_task(r, 2 * d, 1 << 14);
         // A large `grad_ys` is scaled into a row buffer and streamed out (`stream::RowWriter`).
         let nt = stream::worth_streaming(std::mem::size_of_val(grad_ys));
+        let ys_parts: Vec<Option<&[F]>> = match ys {
+            Some(ys) => ys.chunks(rows * d).map(Some).collect(),
+            None => vec![None; r.div_ceil(rows)],
+        };
         let parts: Vec<_> = grad_ys
             .chunks_mut(rows * d)
             .zip(dots.chunks_mut(rows))
-            .zip(ys.chunks(rows * d))
+            .zip(ys_parts)
             .zip(row_token.chunks(rows).zip(row_slot.chunks(rows)))
             .collect();
         try_for_each_part(
@@ -368,21 +425,25 @@ pub fn combine_backward<F: Real>(
                 with_best_isa(
                     #[inline(always)]
                     || {
-                        for (((gy, dot_out), y), (&tok, &slot)) in gys
+                        for (i, ((gy, dot_out), (&tok, &slot))) in gys
                             .chunks_exact_mut(d)
                             .zip(dots.iter_mut())
-                            .zip(ys.chunks_exact(d))
                             .zip(toks.iter().zip(slots))
+                            .enumerate()
                         {
                             let tok = row_index("plan.row_token", tok, t)?;
                             let slot = row_index("plan.row_slot", slot, n)?;
                             let g = &grad[tok * d..(tok + 1) * d];
+                            // The dot first: in place, `gy` still holds the row of ys.
+                            *dot_out = match ys {
+                                Some(ys) => dot(g, &ys[i * d..(i + 1) * d]),
+                                None => dot(g, gy),
+                            };
                             let w = weights[slot];
                             for (o, &gv) in writer.target(gy).iter_mut().zip(g) {
                                 *o = w * gv;
                             }
                             writer.flush(gy);
-                            *dot_out = dot(g, y);
                         }
                         Ok(())
                     },

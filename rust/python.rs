@@ -18,7 +18,7 @@ use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
 use crate::pool;
 use crate::route_weights;
-use crate::routed_experts::{self, PlanView, Scratch};
+use crate::routed_experts::{self, GradYs, PlanView};
 use crate::routing;
 use crate::softmax;
 use crate::threads::with_team;
@@ -422,19 +422,22 @@ macro_rules! routed_expert_kernels {
         }
 
         /// Backward of the routed experts from `grad [T, d]` into `dx [T, d]`, `dweights [T, K]`,
-        /// `dw1` and `dw2`; `grad_ys` and `grad_xs` (`[R, d]`) are scratch.
+        /// `dw1` and `dw2`. `grad_ys` (`[R, d]` scratch) may be None: the gradient of the expert
+        /// outputs then overwrites `ys`. `grad_xs` (`[R, d]`) is scratch.
         #[pyfunction]
         #[allow(clippy::too_many_arguments)]
         fn $bwd<'py>(
             py: Python<'py>,
             grad: PyReadonlyArray2<'py, $t>,
-            saved: (PyReadonlyArray2<'py, $t>, PyReadonlyArray2<'py, $t>, PyReadonlyArray2<'py, $t>),
+            saved: (PyReadonlyArray2<'py, $t>, PyReadonlyArray2<'py, $t>),
+            mut ys: PyReadwriteArray2<'py, $t>,
+            grad_ys: Option<PyReadwriteArray2<'py, $t>>,
             weights: PyReadonlyArray2<'py, $t>,
             plan: PlanArrays<'py>,
             w1: PyReadonlyArray3<'py, $t>,
             w2: PyReadonlyArray3<'py, $t>,
             activation: &str,
-            scratch: (PyReadwriteArray2<'py, $t>, PyReadwriteArray2<'py, $t>),
+            mut grad_xs: PyReadwriteArray2<'py, $t>,
             outputs: (
                 PyReadwriteArray2<'py, $t>,
                 PyReadwriteArray2<'py, $t>,
@@ -443,10 +446,10 @@ macro_rules! routed_expert_kernels {
             ),
             threads: usize,
         ) -> PyResult<()> {
-            let (xs, h, ys) = saved;
+            let (xs, h) = saved;
             let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
             let t = grad.shape()[0];
-            let saved = (slice!(xs, "xs"), slice!(h, "h"), slice!(ys, "ys"));
+            let saved = (slice!(xs, "xs"), slice!(h, "h"));
             let (g, wv, a, b) = (
                 slice!(grad, "grad"),
                 slice!(weights, "weights"),
@@ -454,11 +457,15 @@ macro_rules! routed_expert_kernels {
                 slice!(w2, "w2"),
             );
             let view = plan_view(&plan)?;
-            let (mut gys, mut gxs) = scratch;
-            let scratch = Scratch {
-                grad_ys: slice_mut!(gys, "grad_ys"),
-                grad_xs: slice_mut!(gxs, "grad_xs"),
+            let mut grad_ys = grad_ys;
+            let target = match grad_ys.as_mut() {
+                Some(scratch) => GradYs::Scratch {
+                    ys: slice!(ys, "ys"),
+                    grad_ys: slice_mut!(scratch, "grad_ys"),
+                },
+                None => GradYs::OverYs(slice_mut!(ys, "ys")),
             };
+            let gxs = slice_mut!(grad_xs, "grad_xs");
             let (mut dx, mut dw, mut dw1, mut dw2) = outputs;
             let (dxv, dwv, da, db) = (
                 slice_mut!(dx, "dx"),
@@ -468,7 +475,7 @@ macro_rules! routed_expert_kernels {
             );
             Ok(run_team(py, threads, 2 * mlp_work(&s), || {
                 routed_experts::routed_experts_backward(
-                    &s, g, t, saved, wv, view, a, b, scratch, dxv, dwv, da, db,
+                    &s, g, t, saved, target, wv, view, a, b, gxs, dxv, dwv, da, db,
                 )
             })?)
         }

@@ -46,47 +46,54 @@ pub fn routed_experts_forward<T: MlpReal>(
     dispatch::combine(ys, s.r, s.d, weights, plan.slot_row, t, y)
 }
 
-/// Scratch of the backward: two `[R, d]` buffers the caller provides (so they can come from the
-/// buffer pool, whose pages are already mapped).
-pub struct Scratch<'a, T> {
-    /// Gradient of the expert outputs.
-    pub grad_ys: &'a mut [T],
-    /// Gradient of the gathered rows.
-    pub grad_xs: &'a mut [T],
+/// Where the backward puts the gradient of the expert outputs (`[R, d]`).
+pub enum GradYs<'a, T> {
+    /// Into a scratch buffer, leaving the saved `ys` intact.
+    Scratch {
+        /// The forward's expert outputs.
+        ys: &'a [T],
+        /// Scratch for their gradient.
+        grad_ys: &'a mut [T],
+    },
+    /// Over the saved `ys` itself, for a caller that will not need them again: one `[R, d]`
+    /// buffer less at the backward's peak (the expert backward, with both gradients alive).
+    OverYs(&'a mut [T]),
 }
 
 /// Backward from `grad [T, d]` (the gradient of `y`) into `dx [T, d]`, `dweights [T, K]`,
-/// `dw1 [E, H1, d]` and `dw2 [E, d, F]`, given what the forward kept.
+/// `dw1 [E, H1, d]` and `dw2 [E, d, F]`, given what the forward kept (`xs`, `h` and, in
+/// `grad_ys`, `ys`); `grad_xs [R, d]` is scratch.
 #[allow(clippy::too_many_arguments)]
 pub fn routed_experts_backward<T: MlpReal>(
     s: &MlpShape,
     grad: &[T],
     t: usize,
-    saved: (&[T], &[T], &[T]),
+    saved: (&[T], &[T]),
+    grad_ys: GradYs<'_, T>,
     weights: &[T],
     plan: PlanView<'_>,
     w1: &[T],
     w2: &[T],
-    scratch: Scratch<'_, T>,
+    grad_xs: &mut [T],
     dx: &mut [T],
     dweights: &mut [T],
     dw1: &mut [T],
     dw2: &mut [T],
 ) -> KResult<()> {
-    let (xs, h, ys) = saved;
-    dispatch::combine_backward(
-        grad,
-        ys,
-        weights,
-        s.d,
-        plan.row_token,
-        plan.row_slot,
-        plan.slot_row,
-        scratch.grad_ys,
-        dweights,
-    )?;
-    expert_mlp_backward(s, scratch.grad_ys, xs, h, w1, w2, plan.offsets, scratch.grad_xs, dw1, dw2)?;
-    dispatch::gather_backward(scratch.grad_xs, s.r, s.d, plan.slot_row, t, dx)
+    let (xs, h) = saved;
+    let (rt, rs, sr) = (plan.row_token, plan.row_slot, plan.slot_row);
+    let gys: &mut [T] = match grad_ys {
+        GradYs::Scratch { ys, grad_ys } => {
+            dispatch::combine_backward(grad, ys, weights, s.d, rt, rs, sr, grad_ys, dweights)?;
+            grad_ys
+        }
+        GradYs::OverYs(ys) => {
+            dispatch::combine_backward_in_place(grad, ys, weights, s.d, rt, rs, sr, dweights)?;
+            ys
+        }
+    };
+    expert_mlp_backward(s, gys, xs, h, w1, w2, plan.offsets, grad_xs, dw1, dw2)?;
+    dispatch::gather_backward(grad_xs, s.r, s.d, plan.slot_row, t, dx)
 }
 
 #[cfg(test)]
@@ -97,7 +104,9 @@ mod tests {
 
     fn values(n: usize, seed: u32) -> Vec<f64> {
         (0..n)
-            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f64 / 500.0 - 1.0)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f64 / 500.0 - 1.0
+            })
             .collect()
     }
 
@@ -120,10 +129,16 @@ mod tests {
             let h1 = act.h1(f);
             let (x, w) = (values(t * d, 1), values(t * k, 2));
             let (w1, w2) = (values(e * h1 * d, 3), values(e * d * f, 4));
-            let (mut xs, mut h, mut ys, mut y) =
-                (vec![0.0; r * d], vec![0.0; r * h1], vec![0.0; r * d], vec![0.0; t * d]);
-            routed_experts_forward(&s, &x, t, &w, view, &w1, &w2, &mut xs, &mut h, &mut ys, &mut y)
-                .unwrap();
+            let (mut xs, mut h, mut ys, mut y) = (
+                vec![0.0; r * d],
+                vec![0.0; r * h1],
+                vec![0.0; r * d],
+                vec![0.0; t * d],
+            );
+            routed_experts_forward(
+                &s, &x, t, &w, view, &w1, &w2, &mut xs, &mut h, &mut ys, &mut y,
+            )
+            .unwrap();
             let (mut xs2, mut h2, mut ys2, mut y2) = (xs.clone(), h.clone(), ys.clone(), y.clone());
             gather(&x, t, d, &p.row_token, &mut xs2).unwrap();
             expert_mlp_forward(&s, &xs2, &w1, &w2, &p.offsets, &mut h2, &mut ys2).unwrap();
@@ -131,24 +146,65 @@ mod tests {
             assert_eq!((&xs, &h, &ys, &y), (&xs2, &h2, &ys2, &y2));
 
             let g = values(t * d, 5);
-            let (mut gys, mut gxs) = (vec![0.0; r * d], vec![0.0; r * d]);
-            let (mut dx, mut dw) = (vec![0.0; t * d], vec![0.0; t * k]);
-            let (mut dw1, mut dw2) = (vec![0.0; w1.len()], vec![0.0; w2.len()]);
-            let scratch = Scratch { grad_ys: &mut gys, grad_xs: &mut gxs };
-            routed_experts_backward(
-                &s, &g, t, (&xs, &h, &ys), &w, view, &w1, &w2, scratch, &mut dx, &mut dw, &mut dw1,
-                &mut dw2,
-            )
-            .unwrap();
-            let (mut gys2, mut gxs2) = (vec![0.0; r * d], vec![0.0; r * d]);
-            let (mut dx2, mut dwt2) = (vec![0.0; t * d], vec![0.0; t * k]);
-            let (mut dw1b, mut dw2b) = (vec![0.0; w1.len()], vec![0.0; w2.len()]);
-            combine_backward(&g, &ys, &w, d, &p.row_token, &p.row_slot, &p.slot_row, &mut gys2, &mut dwt2)
+            let expected = {
+                let (mut gys, mut gxs) = (vec![0.0; r * d], vec![0.0; r * d]);
+                let (mut dx, mut dw) = (vec![0.0; t * d], vec![0.0; t * k]);
+                let (mut dw1, mut dw2) = (vec![0.0; w1.len()], vec![0.0; w2.len()]);
+                combine_backward(
+                    &g,
+                    &ys,
+                    &w,
+                    d,
+                    &p.row_token,
+                    &p.row_slot,
+                    &p.slot_row,
+                    &mut gys,
+                    &mut dw,
+                )
                 .unwrap();
-            expert_mlp_backward(&s, &gys2, &xs, &h, &w1, &w2, &p.offsets, &mut gxs2, &mut dw1b, &mut dw2b)
+                expert_mlp_backward(
+                    &s, &gys, &xs, &h, &w1, &w2, &p.offsets, &mut gxs, &mut dw1, &mut dw2,
+                )
                 .unwrap();
-            gather_backward(&gxs2, r, d, &p.slot_row, t, &mut dx2).unwrap();
-            assert_eq!((&dx, &dw, &dw1, &dw2), (&dx2, &dwt2, &dw1b, &dw2b));
+                gather_backward(&gxs, r, d, &p.slot_row, t, &mut dx).unwrap();
+                (dx, dw, dw1, dw2)
+            };
+            for in_place in [false, true] {
+                let (mut gys, mut gxs, mut ys_copy) =
+                    (vec![0.0; r * d], vec![0.0; r * d], ys.clone());
+                let (mut dx, mut dw) = (vec![0.0; t * d], vec![0.0; t * k]);
+                let (mut dw1, mut dw2) = (vec![0.0; w1.len()], vec![0.0; w2.len()]);
+                let grad_ys = if in_place {
+                    GradYs::OverYs(&mut ys_copy)
+                } else {
+                    GradYs::Scratch {
+                        ys: &ys,
+                        grad_ys: &mut gys,
+                    }
+                };
+                routed_experts_backward(
+                    &s,
+                    &g,
+                    t,
+                    (&xs, &h),
+                    grad_ys,
+                    &w,
+                    view,
+                    &w1,
+                    &w2,
+                    &mut gxs,
+                    &mut dx,
+                    &mut dw,
+                    &mut dw1,
+                    &mut dw2,
+                )
+                .unwrap();
+                assert_eq!(
+                    (&dx, &dw, &dw1, &dw2),
+                    (&expected.0, &expected.1, &expected.2, &expected.3)
+                );
+            }
+            let dw = expected.1;
             assert_eq!(dw[5], 0.0, "the empty slot gets no weight gradient");
         }
     }
@@ -156,12 +212,35 @@ mod tests {
     #[test]
     fn a_plan_that_does_not_match_is_an_error() {
         let (t, d, e, f) = (2usize, 3usize, 2usize, 2usize);
-        let s = MlpShape { r: 2, d, e, f, act: Activation::Gelu };
+        let s = MlpShape {
+            r: 2,
+            d,
+            e,
+            f,
+            act: Activation::Gelu,
+        };
         let bad_tokens = [0i64, 5];
-        let view = PlanView { row_token: &bad_tokens, row_slot: &[0, 1], slot_row: &[0, 1], offsets: &[0, 1, 2] };
-        let (x, w, w1, w2) = (vec![1.0f32; t * d], vec![1.0f32; t], vec![1.0f32; e * f * d], vec![1.0f32; e * d * f]);
-        let (mut xs, mut h, mut ys, mut y) = (vec![0.0; 2 * d], vec![0.0; 2 * f], vec![0.0; 2 * d], vec![0.0; t * d]);
-        let err = routed_experts_forward(&s, &x, t, &w, view, &w1, &w2, &mut xs, &mut h, &mut ys, &mut y);
+        let view = PlanView {
+            row_token: &bad_tokens,
+            row_slot: &[0, 1],
+            slot_row: &[0, 1],
+            offsets: &[0, 1, 2],
+        };
+        let (x, w, w1, w2) = (
+            vec![1.0f32; t * d],
+            vec![1.0f32; t],
+            vec![1.0f32; e * f * d],
+            vec![1.0f32; e * d * f],
+        );
+        let (mut xs, mut h, mut ys, mut y) = (
+            vec![0.0; 2 * d],
+            vec![0.0; 2 * f],
+            vec![0.0; 2 * d],
+            vec![0.0; t * d],
+        );
+        let err = routed_experts_forward(
+            &s, &x, t, &w, view, &w1, &w2, &mut xs, &mut h, &mut ys, &mut y,
+        );
         assert!(err.is_err());
     }
 }

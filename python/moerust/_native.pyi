@@ -89,12 +89,12 @@ def routed_experts_forward_f64(
     xs: _F64, h: _F64, ys: _F64, y: _F64, threads: int,
 ) -> None: ...
 def routed_experts_backward_f32(
-    grad: _F32, saved: Tuple[_F32, _F32, _F32], weights: _F32, plan: _Plan, w1: _F32, w2: _F32,
-    activation: str, scratch: Tuple[_F32, _F32], outputs: Tuple[_F32, _F32, _F32, _F32], threads: int,
+    grad: _F32, saved: Tuple[_F32, _F32], ys: _F32, grad_ys: Optional[_F32], weights: _F32, plan: _Plan,
+    w1: _F32, w2: _F32, activation: str, grad_xs: _F32, outputs: Tuple[_F32, _F32, _F32, _F32], threads: int,
 ) -> None: ...
 def routed_experts_backward_f64(
-    grad: _F64, saved: Tuple[_F64, _F64, _F64], weights: _F64, plan: _Plan, w1: _F64, w2: _F64,
-    activation: str, scratch: Tuple[_F64, _F64], outputs: Tuple[_F64, _F64, _F64, _F64], threads: int,
+    grad: _F64, saved: Tuple[_F64, _F64], ys: _F64, grad_ys: Optional[_F64], weights: _F64, plan: _Plan,
+    w1: _F64, w2: _F64, activation: str, grad_xs: _F64, outputs: Tuple[_F64, _F64, _F64, _F64], threads: int,
 ) -> None: ...
 def use_openmp_team(addr: int) -> None: ...
 def resolve_threads(requested: int) -> int: ...

@@ -28,6 +28,22 @@ def _plain_eager(args: tuple) -> bool:
     return True
 
 
+def saved_tensors_die(ctx: Any, *args: Any) -> bool:
+    """Whether a backward running now, eagerly on the plain tensors ``args``, is the last use of
+    the saved tensors of ``ctx``: its forward ran through :func:`differentiable`'s eager path
+    (whose callers keep only the outputs they return, never internal ones), and the backward
+    frees the graph (no ``retain_graph``) and builds none (no ``create_graph``). A backward kernel
+    may then overwrite an internal saved buffer it no longer needs."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return (
+        getattr(ctx, "eager_call", False)
+        and keep_graph is not None
+        and not torch.is_grad_enabled()
+        and _plain_eager(args)
+        and not keep_graph()
+    )
+
+
 def differentiable(
     op: Any, impl: Callable[..., Any], backward: Callable[..., Any], setup_context: Callable[..., None]
 ) -> Callable[..., Any]:
@@ -41,6 +57,7 @@ def differentiable(
         # the arguments through inspect.signature on every call (60-90 us on the dev box, more
         # than a small op's kernel).
         output = impl(*args)
+        ctx.eager_call = True  # (the op's own calls leave it unset; see saved_tensors_die)
         setup_context(ctx, args, output)
         return output
 

@@ -88,11 +88,14 @@ def _routed_experts_backward_op(
     slot_row: torch.Tensor,
     offsets: torch.Tensor,
     activation: str,
+    overwrite_ys: bool,
 ) -> Saved:
-    """``(dx, dweights, dw1, dw2)`` from the gradient of ``y``."""
+    """``(dx, dweights, dw1, dw2)`` from the gradient of ``y``; with ``overwrite_ys`` (eager
+    calls only, when the saved ``ys`` are dead after this) the Rust kernel writes the gradient of
+    the expert outputs over ``ys`` instead of into a fresh ``[R, d]`` buffer."""
     if _backend.rust_handles(grad, xs, h, ys, weights, w1, w2, row_token, slot_row):
         rows, d = xs.shape
-        scratch = tuple(_backend.empty(rows, d, dtype=xs.dtype) for _ in range(2))
+        grad_ys = None if overwrite_ys else _backend.empty(rows, d, dtype=xs.dtype).numpy()
         outputs = (
             _backend.empty(*grad.shape, dtype=grad.dtype),
             _backend.empty(*weights.shape, dtype=weights.dtype),
@@ -100,9 +103,9 @@ def _routed_experts_backward_op(
             _backend.empty(*w2.shape, dtype=w2.dtype),
         )
         _backend.native_fn("routed_experts_backward", xs.dtype)(
-            _np(grad), (_np(xs), _np(h), _np(ys)), _np(weights),
+            _np(grad), (_np(xs), _np(h)), _np(ys), grad_ys, _np(weights),
             (_np(row_token), _np(row_slot), _np(slot_row), _np(offsets)), _np(w1), _np(w2), activation,
-            tuple(s.numpy() for s in scratch), tuple(o.numpy() for o in outputs), _backend.num_threads(),
+            _backend.empty(rows, d, dtype=xs.dtype).numpy(), tuple(o.numpy() for o in outputs), _backend.num_threads(),
         )  # fmt: skip
         return outputs
     # The backward kernels themselves (.fn: this already is a backward op).
@@ -112,7 +115,7 @@ def _routed_experts_backward_op(
 
 
 @_routed_experts_backward_op.register_fake
-def _(grad, xs, h, ys, weights, w1, w2, row_token, row_slot, slot_row, offsets, activation):  # type: ignore[no-untyped-def]
+def _(grad, xs, h, ys, weights, w1, w2, row_token, row_slot, slot_row, offsets, activation, overwrite_ys):  # type: ignore[no-untyped-def]
     return grad.new_empty(grad.shape), weights.new_empty(weights.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
 
@@ -129,7 +132,12 @@ def _backward(ctx: Any, grad: Optional[torch.Tensor], *internal: Optional[torch.
     none = (None,) * 5  # the plan's tensors and the activation
     if grad is None:  # only an internal output had a gradient: nothing flows back
         return (None,) * 4 + none
-    grads = _routed_experts_backward_op(grad.contiguous(), *ctx.saved_tensors, ctx.activation)
+    saved = ctx.saved_tensors
+    grad = grad.contiguous()
+    # Without retain_graph the saved ys die with this node: their buffer takes their gradient
+    # (the backward's peak, inside the expert kernels, then holds one [R, d] buffer less).
+    overwrite = _eager.saved_tensors_die(ctx, grad, *saved)
+    grads = _routed_experts_backward_op(grad, *saved, ctx.activation, overwrite)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + none
 
 
