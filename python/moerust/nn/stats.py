@@ -82,8 +82,8 @@ class RouterStats(nn.Module):
             share = [c / total for c in counts] if total > 0 else [1.0 / e] * e
             beta = self.beta
             ema = [beta * a + (1.0 - beta) * s for a, s in zip(ema, share)]
-            self.ema.copy_(torch.tensor(ema, dtype=torch.float64))
-            self.steps += 1
+            _assign(self.ema, ema)
+            _assign(self.steps, int(self.steps) + 1)
         usage = self._usage_of(ema)
         return RoutingStats(
             load=counts,
@@ -92,6 +92,15 @@ class RouterStats(nn.Module):
             experts_per_token=assigned / tokens if tokens else 0.0,
             dropped_fraction=dropped / assigned if assigned else 0.0,
         )
+
+
+def _assign(buffer: torch.Tensor, value: object) -> None:
+    """Writes Python numbers into a buffer in place: through a numpy view on the CPU (no torch op
+    to dispatch: this runs on every training forward of every layer), with ``copy_`` elsewhere."""
+    if buffer.device.type == "cpu":
+        buffer.numpy()[...] = value
+    else:
+        buffer.copy_(torch.tensor(value, dtype=buffer.dtype))
 
 
 def _entropy_of(shares: List[float]) -> float:
