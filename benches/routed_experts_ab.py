@@ -24,35 +24,18 @@ from .timing import times_ms, warm_process
 
 
 def _kernel_variants(d: int, ff: int, e: int, k: int, t: int) -> Dict[str, Callable[[], Callable[[], None]]]:
-    from moerust import ops
     from moerust.ops import _eager
 
+    from .test_bench_ops import routed_experts_step
+
     re_mod = importlib.import_module("moerust.ops.routed_experts")
-    g = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(t, e, generator=g), -1)
-    idx = ops.topk_route(probs, k)
-    plan = ops.dispatch_plan(idx, e)
-    x = torch.randn(t, d, generator=g, requires_grad=True)
-    w = probs.gather(1, idx).requires_grad_(True)
-    w1 = (torch.randn(e, 2 * ff, d, generator=g) * d**-0.5).requires_grad_(True)
-    w2 = (torch.randn(e, d, ff, generator=g) * ff**-0.5).requires_grad_(True)
-    up = torch.randn(t, d, generator=g)
+    fused, composed = routed_experts_step(True, t, e, k, d, ff), routed_experts_step(False, t, e, k, d, ff)
 
     def variant(name: str) -> Callable[[], Callable[[], None]]:
         def select() -> Callable[[], None]:
             # fused-scratch: the backward is told the saved outputs stay alive (as with retain_graph).
             re_mod._eager = _NoOverwrite if name == "fused-scratch" else _eager
-
-            def step() -> None:
-                for leaf in (x, w, w1, w2):
-                    leaf.grad = None
-                if name.startswith("fused"):
-                    y = ops.routed_experts(x, w, plan, w1, w2)
-                else:
-                    y = ops.combine(ops.expert_mlp(ops.gather(x, plan), w1, w2, plan.offsets), w, plan)
-                y.backward(up)
-
-            return step
+            return composed if name == "composed" else fused
 
         return select
 

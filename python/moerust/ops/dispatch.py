@@ -295,13 +295,19 @@ def combine(ys: torch.Tensor, weights: torch.Tensor, plan: Plan) -> torch.Tensor
     """
     plan = _check_plan(plan)
     ys = _checks.tensor(ys, "ys", ndim=2)
-    weights = _checks.tensor(weights, "weights", ndim=2)
     if ys.shape[0] != plan.num_rows:
         raise ValueError(f"ys has {ys.shape[0]} rows but the plan has {plan.num_rows}")
+    _checks.same_device("ys", ys, plan.row_token, "plan")
+    weights = check_slot_weights(weights, plan, ys, "ys")
+    return _combine(ys, weights.contiguous(), plan.slot_row, plan.row_token, plan.row_slot)
+
+
+def check_slot_weights(weights: torch.Tensor, plan: Plan, values: torch.Tensor, values_name: str) -> torch.Tensor:
+    """Checks the per-slot ``weights [T, K]`` of ``plan`` against the tensor they weight."""
+    weights = _checks.tensor(weights, "weights", ndim=2)
     if tuple(weights.shape) != tuple(plan.slot_row.shape):
         raise ValueError(f"weights must have shape {tuple(plan.slot_row.shape)} (T, K), got {tuple(weights.shape)}")
-    if weights.dtype != ys.dtype:
-        raise TypeError(f"weights must have the dtype of ys ({ys.dtype}), got {weights.dtype}")
-    _checks.same_device("ys", ys, plan.row_token, "plan")
-    _checks.same_device("weights", weights, ys, "ys")
-    return _combine(ys, weights.contiguous(), plan.slot_row, plan.row_token, plan.row_slot)
+    if weights.dtype != values.dtype:
+        raise TypeError(f"weights must have the dtype of {values_name} ({values.dtype}), got {weights.dtype}")
+    _checks.same_device("weights", weights, values, values_name)
+    return weights

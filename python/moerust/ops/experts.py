@@ -205,4 +205,4 @@ def check_offsets(offsets: torch.Tensor, rows: int, name: str) -> None:
     """Checks that the int64 ``offsets`` rise from 0 to ``rows`` without decreasing."""
     o = offsets.tolist()
     if o[0] != 0 or o[-1] != rows or any(b < a for a, b in zip(o, o[1:])):
-        raise ValueError(f"{name} must be non-decreasing from 0 to {rows} (the rows of xs), got {o[0]} .. {o[-1]}")
+        raise ValueError(f"{name} must be non-decreasing from 0 to {rows} (the number of rows), got {o[0]} .. {o[-1]}")

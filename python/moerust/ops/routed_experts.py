@@ -28,6 +28,7 @@ from .dispatch import (
     _combine_impl,
     _gather_backward_op,
     _gather_impl,
+    check_slot_weights,
 )
 from .experts import _expert_mlp_backward_op, _expert_mlp_impl, check_offsets, check_weights
 
@@ -161,15 +162,10 @@ def routed_experts(
     """
     plan = _check_plan(plan)
     x = _checks.tensor(x, "x", ndim=2)
-    weights = _checks.tensor(weights, "weights", ndim=2)
     if x.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but the plan was built for {plan.num_tokens}")
-    if tuple(weights.shape) != tuple(plan.slot_row.shape):
-        raise ValueError(f"weights must have shape {tuple(plan.slot_row.shape)} (T, K), got {tuple(weights.shape)}")
-    if weights.dtype != x.dtype:
-        raise TypeError(f"weights must have the dtype of x ({x.dtype}), got {weights.dtype}")
     _checks.same_device("x", x, plan.row_token, "plan")
-    _checks.same_device("weights", weights, x, "x")
+    weights = check_slot_weights(weights, plan, x, "x")
     w1, w2 = check_weights(w1, w2, activation, x, "x")
     if plan.num_experts != w2.shape[0]:
         raise ValueError(f"w1 and w2 hold {w2.shape[0]} experts but the plan has {plan.num_experts}")
