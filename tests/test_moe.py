@@ -353,3 +353,19 @@ def test_unweighted_losses_are_computed_when_read() -> None:
     assert "entropy" in repr(aux.losses)
     with pytest.raises(KeyError):
         aux.losses["nope"]
+
+
+def test_compiled_layer_matches_eager() -> None:
+    """torch.compile(layer) (graph breaks around the dispatch plan and the statistics) gives the
+    eager layer's output, auxiliary loss and gradients."""
+    layer = MoE(MoEConfig(dim=16, hidden=12, num_experts=4, k=2, z_weight=0.01))
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    results = []
+    for fn in (layer, torch.compile(layer, backend="aot_eager")):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y, aux = fn(x)
+        (y.square().sum() + aux.weighted).backward()
+        results.append((y.detach(), aux.weighted.detach(), x.grad, layer.experts.w1.grad, layer.router.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -61,6 +61,10 @@ class Plan:
         return int(self.row_token.shape[0])
 
 
+# The plan's row count depends on the data and the result is a Python dataclass: under
+# torch.compile the plan is built eagerly, between graphs (a clean graph break rather than
+# dynamo's warning about an untraceable extension function).
+@torch.compiler.disable
 def dispatch_plan(idx: torch.Tensor, num_experts: int, capacity: Optional[int] = None) -> Plan:
     """Stable counting sort of the (token, slot) pairs of ``idx [T, K]`` (-1 = empty) by expert.
 
