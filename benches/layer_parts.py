@@ -24,14 +24,14 @@ import torch
 
 from .timing import warm_process
 
-PUBLIC_OPS = ["softmax", "topk_route", "topp_route", "route_weights", "topk_router", "dispatch_plan", "gather", "combine", "expert_mlp", "routed_experts"]
+PUBLIC_OPS = ["softmax", "topk_route", "topp_route", "route_weights", "topk_router", "topp_router", "dispatch_plan", "gather", "combine", "expert_mlp", "routed_experts"]
 BACKWARD_KERNELS = [
     ("dispatch", "_gather_backward_op"),
     ("dispatch", "_combine_backward_op"),
     ("experts", "_expert_mlp_backward_op"),
     ("route_weights", "_route_weights_backward_op"),
     ("router_softmax", "_softmax_backward_op"),
-    ("topk_router", "_topk_router_backward_op"),
+    ("topk_router", "_router_backward_op"),
     ("routed_experts", "_routed_experts_backward_op"),
 ]
 

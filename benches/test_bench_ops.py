@@ -113,6 +113,27 @@ def test_topk_router_fwd_bwd(benchmark: Any, backend: str, t: int, e: int, k: in
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,e", list(itertools.product(TS, [8, 64])))
+def test_topp_router_fwd_bwd(benchmark: Any, backend: str, t: int, e: int) -> None:
+    """The top-p router after its matmul (p = 0.4, every expert allowed): softmax, top-p and
+    weights in one op, forward + backward into the logits."""
+    g = torch.Generator().manual_seed(t + e)
+    logits = (torch.randn(t, e, generator=g) * 2).requires_grad_(True)
+    up_w = torch.randn(t, e, generator=g)
+    up_p = torch.randn(e, generator=g)
+
+    def step():  # type: ignore[no-untyped-def]
+        logits.grad = None
+        probs, idx, counts, w = ops.topp_router(logits, 0.4)
+        torch.autograd.backward([w, probs.mean(0)], [up_w, up_p])
+        return w.detach(), idx, counts, logits.grad
+
+    key = ("topp_router", t, e)
+    run(benchmark, backend, f"topp_router fwd+bwd T={t} E={e} p=0.4", step, key)
+    assert_agree(key, lambda a, b: [torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6) for u, v in zip(a, b)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t,e,k", [c for c in itertools.product(TS, [8, 64], [1, 2, 8]) if c[2] <= c[1]])
 def test_topk_route(benchmark: Any, backend: str, t: int, e: int, k: int) -> None:
     probs = softmax_probs(t, e)

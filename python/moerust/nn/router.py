@@ -138,21 +138,18 @@ class Router(nn.Module):
             # softmax -> topk_route -> route_weights as one op (same values, one autograd node).
             probs, idx, weights = ops.topk_router(logits, self.k, self.renormalize)
             return RouterOutput(logits, probs, idx, weights, self._topk_counts(x))
+        if self.routing == "topp" and self.threshold is None:
+            # softmax -> topp_route -> route_weights as one op (same values, one autograd node).
+            probs, idx, counts, weights = ops.topp_router(logits, self.p, self.min_k, self.max_k, self.renormalize)
+            return RouterOutput(logits, probs, idx, weights, counts)
         probs = ops.softmax(logits)
-        threshold = None
-        if self.routing == "topp":
-            p: object = self.p
-            if self.threshold is not None:
-                threshold = 0.1 + 0.6 * torch.sigmoid(self.threshold(x).squeeze(-1))
-                p = threshold
-            idx, counts = ops.topp_route(probs, p, min_k=self.min_k, max_k=self.max_k)  # type: ignore[arg-type]
-            if threshold is None:
-                weights = ops.route_weights(probs, idx, self.renormalize)
-            else:
-                # The learned threshold's gate multiplies in before the renormalisation.
-                weights = ops.route_weights(probs, idx, renormalize=False) * _threshold_gate(probs, idx, threshold)
-                if self.renormalize:
-                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=MIN_SUM)
+        if self.routing == "topp" and self.threshold is not None:  # a learned per-token threshold
+            threshold = 0.1 + 0.6 * torch.sigmoid(self.threshold(x).squeeze(-1))
+            idx, counts = ops.topp_route(probs, threshold, min_k=self.min_k, max_k=self.max_k)
+            # The learned threshold's gate multiplies in before the renormalisation.
+            weights = ops.route_weights(probs, idx, renormalize=False) * _threshold_gate(probs, idx, threshold)
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=MIN_SUM)
             return RouterOutput(logits, probs, idx, weights, counts, threshold)
         scores = logits if self.routing == "topk_softmax" else probs
         if self.bias_balance:

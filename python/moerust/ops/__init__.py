@@ -4,7 +4,8 @@ and as a pure-torch twin with identical semantics otherwise (CUDA tensors, bfloa
 
 * :func:`softmax`: router probabilities (last-axis softmax, differentiable).
 * :func:`topk_route`, :func:`topp_route`: expert selection; :func:`route_weights`: their weights
-  (differentiable); :func:`topk_router`: softmax, top-k and weights in one op.
+  (differentiable); :func:`topk_router`, :func:`topp_router`: softmax, selection and weights
+  in one op.
 * :func:`dispatch_plan` -> :class:`Plan`, :func:`gather`, :func:`combine`: token <-> expert
   reordering (gather and combine are differentiable custom ops).
 * :func:`expert_mlp`: every expert's MLP over its rows (differentiable).
@@ -21,6 +22,7 @@ from .routed_experts import routed_experts
 from .routing import topk_route, topp_route
 from .router_softmax import softmax
 from .topk_router import topk_router
+from .topp_router import topp_router
 from .window import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, sliding_window_mask, sliding_window_tiles
 
 __all__ = [
@@ -40,5 +42,6 @@ __all__ = [
     "softmax",
     "topk_route",
     "topk_router",
+    "topp_router",
     "topp_route",
 ]

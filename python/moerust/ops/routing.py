@@ -84,6 +84,12 @@ def topp_route(
     p = _check_p(p, probs.shape[0])
     max_k = num_experts if max_k is None else _checks.integer(max_k, "max_k", lo=1, hi=num_experts)
     min_k = _checks.integer(min_k, "min_k", lo=1, hi=max_k)
+    return _topp_route_impl(probs, p, min_k, max_k)
+
+
+def _topp_route_impl(probs: torch.Tensor, p: Union[float, torch.Tensor], min_k: int, max_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topp_route` after its checks (``p``: a float, or a float32 tensor of one threshold
+    or one per row): the Rust kernel or the torch twin."""
     if _backend.rust_handles(probs):
         x = probs.detach().contiguous()
         idx = _backend.empty(probs.shape[0], max_k, dtype=torch.int64)

@@ -43,7 +43,7 @@ def _(logits: torch.Tensor, k: int, renormalize: bool) -> Tuple[torch.Tensor, to
 
 
 @_eager.backward_op("moerust::topk_router_backward")
-def _topk_router_backward_op(
+def _router_backward_op(
     grad_probs: Optional[torch.Tensor],
     grad_weights: torch.Tensor,
     probs: torch.Tensor,
@@ -61,7 +61,7 @@ def _topk_router_backward_op(
     return torch._softmax_backward_data(dp, probs, -1, probs.dtype)
 
 
-@_topk_router_backward_op.register_fake
+@_router_backward_op.register_fake
 def _(grad_probs, grad_weights, probs, idx, renormalize, softmax_op):  # type: ignore[no-untyped-def]
     return torch.empty_like(probs)
 
@@ -84,7 +84,7 @@ def _backward(
         grad_weights = torch.zeros(idx.shape, dtype=probs.dtype, device=probs.device)
     if grad_probs is not None:
         grad_probs = grad_probs.contiguous()
-    dlogits = _topk_router_backward_op(grad_probs, grad_weights.contiguous(), probs, idx, ctx.renormalize, ctx.softmax_op)
+    dlogits = _router_backward_op(grad_probs, grad_weights.contiguous(), probs, idx, ctx.renormalize, ctx.softmax_op)
     return dlogits, None, None
 
 
