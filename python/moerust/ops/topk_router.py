@@ -66,26 +66,37 @@ def _(grad_probs, grad_weights, probs, idx, renormalize, softmax_op):  # type: i
     return torch.empty_like(probs)
 
 
-def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    logits, _, renormalize = inputs
-    probs, idx, _ = output
+def router_setup(ctx: Any, logits: torch.Tensor, renormalize: bool, probs: torch.Tensor, idx: torch.Tensor, *selection: torch.Tensor) -> None:
+    """What a router op's backward needs (shared with ``topp_router``); ``idx`` and the other
+    ``selection`` outputs (e.g. counts) get no gradient."""
     ctx.renormalize = renormalize
     ctx.softmax_op = _takes_kernel_op(logits)  # the forward's choice, for its backward
-    ctx.mark_non_differentiable(idx)
+    ctx.mark_non_differentiable(idx, *selection)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(probs, idx)
 
 
-def _backward(
-    ctx: Any, grad_probs: Optional[torch.Tensor], grad_idx: Optional[torch.Tensor], grad_weights: Optional[torch.Tensor]
-) -> Tuple[Optional[torch.Tensor], None, None]:
+def router_backward(ctx: Any, grad_probs: Optional[torch.Tensor], grad_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """The gradient of a router op's logits from those of its probabilities and weights (shared
+    with ``topp_router``)."""
     probs, idx = ctx.saved_tensors
     if grad_weights is None:
         grad_weights = torch.zeros(idx.shape, dtype=probs.dtype, device=probs.device)
     if grad_probs is not None:
         grad_probs = grad_probs.contiguous()
-    dlogits = _router_backward_op(grad_probs, grad_weights.contiguous(), probs, idx, ctx.renormalize, ctx.softmax_op)
-    return dlogits, None, None
+    return _router_backward_op(grad_probs, grad_weights.contiguous(), probs, idx, ctx.renormalize, ctx.softmax_op)
+
+
+def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    logits, _, renormalize = inputs
+    probs, idx, _ = output
+    router_setup(ctx, logits, renormalize, probs, idx)
+
+
+def _backward(
+    ctx: Any, grad_probs: Optional[torch.Tensor], grad_idx: Optional[torch.Tensor], grad_weights: Optional[torch.Tensor]
+) -> Tuple[Optional[torch.Tensor], None, None]:
+    return router_backward(ctx, grad_probs, grad_weights), None, None
 
 
 _topk_router = _eager.differentiable(_topk_router_op, _topk_router_impl, _backward, _setup)

@@ -21,7 +21,7 @@ from . import _checks, _eager
 from .route_weights import _route_weights_impl
 from .router_softmax import _softmax_impl, _takes_kernel_op
 from .routing import _check_p, _topp_route_impl
-from .topk_router import _router_backward_op
+from .topk_router import router_backward, router_setup
 
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -51,11 +51,7 @@ def _(logits: torch.Tensor, p: torch.Tensor, min_k: int, max_k: int, renormalize
 def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Outputs) -> None:
     logits, _, _, _, renormalize = inputs
     probs, idx, counts, _ = output
-    ctx.renormalize = renormalize
-    ctx.softmax_op = _takes_kernel_op(logits)  # the forward's choice, for its backward
-    ctx.mark_non_differentiable(idx, counts)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(probs, idx)
+    router_setup(ctx, logits, renormalize, probs, idx, counts)
 
 
 def _backward(
@@ -65,13 +61,7 @@ def _backward(
     grad_counts: Optional[torch.Tensor],
     grad_weights: Optional[torch.Tensor],
 ) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
-    probs, idx = ctx.saved_tensors
-    if grad_weights is None:
-        grad_weights = torch.zeros(idx.shape, dtype=probs.dtype, device=probs.device)
-    if grad_probs is not None:
-        grad_probs = grad_probs.contiguous()
-    dlogits = _router_backward_op(grad_probs, grad_weights.contiguous(), probs, idx, ctx.renormalize, ctx.softmax_op)
-    return dlogits, None, None, None, None
+    return router_backward(ctx, grad_probs, grad_weights), None, None, None, None
 
 
 _topp_router = _eager.differentiable(_topp_router_op, _topp_router_impl, _backward, _setup)
