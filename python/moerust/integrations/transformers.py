@@ -85,12 +85,13 @@ def moerust_experts_forward(
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("the moerust experts implementation does not support expert parallelism")
     plan = ops.dispatch_plan(top_k_index, self.num_experts)
-    if _fused_ok(self) and hidden_states.dtype == self.gate_up_proj.dtype:
+    fused = _fused_ok(self)
+    if fused and hidden_states.dtype == self.gate_up_proj.dtype:
         # Gather, the experts and combine as one op (the same kernels, one autograd node).
         weights = top_k_weights.to(hidden_states.dtype)
         return ops.routed_experts(hidden_states, weights, plan, self.gate_up_proj, self.down_proj, "swiglu")
     xs = ops.gather(hidden_states, plan)
-    if _fused_ok(self):
+    if fused:
         weight_dtype = self.gate_up_proj.dtype
         ys = ops.expert_mlp(xs.to(weight_dtype), self.gate_up_proj, self.down_proj, plan.offsets, "swiglu")
     else:

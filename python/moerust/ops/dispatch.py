@@ -283,12 +283,18 @@ def gather(x: torch.Tensor, plan: Plan) -> torch.Tensor:
 
     Its backward sums the gradients of a token's rows in slot order (deterministic, no atomics).
     """
+    x, plan = check_tokens(x, plan)
+    return _gather(x, plan.row_token, plan.slot_row)
+
+
+def check_tokens(x: torch.Tensor, plan: Plan) -> Tuple[torch.Tensor, Plan]:
+    """Checks the plan and the tokens ``x [T, d]`` it was built for (count and device)."""
     plan = _check_plan(plan)
     x = _checks.tensor(x, "x", ndim=2)
     if x.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but the plan was built for {plan.num_tokens}")
     _checks.same_device("x", x, plan.row_token, "plan")
-    return _gather(x, plan.row_token, plan.slot_row)
+    return x, plan
 
 
 def combine(ys: torch.Tensor, weights: torch.Tensor, plan: Plan) -> torch.Tensor:

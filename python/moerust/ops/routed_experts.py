@@ -20,19 +20,19 @@ import torch
 
 from .. import _backend
 from .._backend import numpy_view as _np
-from . import _checks, _eager
+from . import _eager
 from .dispatch import (
     Plan,
-    _check_plan,
     _combine_backward_op,
     _combine_impl,
     _gather_backward_op,
     _gather_impl,
     check_slot_weights,
+    check_tokens,
 )
 from .experts import _expert_mlp_backward_op, _expert_mlp_impl, check_offsets, check_weights
 
-Saved = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Tensors4 = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _routed_experts_impl(
@@ -45,7 +45,7 @@ def _routed_experts_impl(
     slot_row: torch.Tensor,
     offsets: torch.Tensor,
     activation: str,
-) -> Saved:
+) -> Tensors4:
     """``(y, xs, h, ys)``: the output and what the backward needs (gathered rows,
     pre-activations, expert outputs)."""
     if _backend.rust_handles(x, weights, w1, w2, row_token, slot_row):
@@ -90,7 +90,7 @@ def _routed_experts_backward_op(
     offsets: torch.Tensor,
     activation: str,
     overwrite_ys: bool,
-) -> Saved:
+) -> Tensors4:
     """``(dx, dweights, dw1, dw2)`` from the gradient of ``y``; with ``overwrite_ys`` (eager
     calls only, when the saved ``ys`` are dead after this) the Rust kernel writes the gradient of
     the expert outputs over ``ys`` instead of into a fresh ``[R, d]`` buffer."""
@@ -120,7 +120,7 @@ def _(grad, xs, h, ys, weights, w1, w2, row_token, row_slot, slot_row, offsets, 
     return grad.new_empty(grad.shape), weights.new_empty(weights.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
 
-def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Saved) -> None:
+def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensors4) -> None:
     _, weights, w1, w2, row_token, row_slot, slot_row, offsets, activation = inputs
     _, xs, h, ys = output
     ctx.activation = activation
@@ -160,11 +160,7 @@ def routed_experts(
     ``weights [T, K]``, ``w1 [E, H1, d]`` and ``w2 [E, d, F]`` (layouts as in :func:`expert_mlp`).
     Empty or dropped slots add 0, whatever their weight.
     """
-    plan = _check_plan(plan)
-    x = _checks.tensor(x, "x", ndim=2)
-    if x.shape[0] != plan.num_tokens:
-        raise ValueError(f"x has {x.shape[0]} tokens but the plan was built for {plan.num_tokens}")
-    _checks.same_device("x", x, plan.row_token, "plan")
+    x, plan = check_tokens(x, plan)
     weights = check_slot_weights(weights, plan, x, "x")
     w1, w2 = check_weights(w1, w2, activation, x, "x")
     if plan.num_experts != w2.shape[0]:
