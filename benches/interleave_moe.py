@@ -2,7 +2,9 @@
 shared machine hits every variant alike (pytest-benchmark runs one variant's rounds after another).
 
 Usage: ``python -m benches.interleave_moe THREADS d ff E k T [VARIANT,VARIANT,...] [--passes N]``;
-prints each variant's median step time (ms) per pass and as JSON on the last line.
+prints each variant's median step time (ms) per pass and as JSON on the last line. A variant
+``NAME@GEMM`` runs ``NAME`` with the expert kernels' products on ``GEMM`` (``mkl`` or ``crate``,
+see ``moerust._backend.set_gemm``), e.g. ``moerust@mkl,moerust@crate``.
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ def main(argv: "List[str] | None" = None) -> int:
     ap.add_argument("--passes", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from moerust import _backend
+
     from .test_bench_moe import build
 
+    default_gemm = _backend.get_gemm()
     warm_process()
 
     results: Dict[str, List[float]] = {}
     for p in range(args.passes):
         for variant in args.variants.split(","):
-            step, _ = build(variant, *args.dims)
+            name, _, gemm = variant.partition("@")
+            _backend.set_gemm(gemm or default_gemm)
+            step, _ = build(name, *args.dims)
             ms = median_ms(step)
             results.setdefault(variant, []).append(ms)
             print(f"pass {p + 1} {variant}: {ms:.2f} ms", flush=True)

@@ -755,6 +755,21 @@ fn use_openmp_team(addr: usize) {
     unsafe { crate::omp_team::set_gomp_parallel(addr) }
 }
 
+/// Runs the expert kernels' matrix products on MKL (addresses of `sgemm_`, `dgemm_` and
+/// `MKL_Set_Num_Threads_Local` in the library torch loaded; zeros: the `gemm` crate).
+#[pyfunction]
+fn use_blas(sgemm: usize, dgemm: usize, set_threads_local: usize) {
+    // SAFETY: the Python side passes zeros or the addresses of these three MKL functions in
+    // libtorch_cpu, which stays loaded for the life of the process.
+    unsafe { crate::blas::register(sgemm, dgemm, set_threads_local) }
+}
+
+/// Whether the expert kernels' products run on the registered BLAS.
+#[pyfunction]
+fn blas_active() -> bool {
+    crate::blas::active()
+}
+
 /// The number of threads a call asking for `requested` gets (RAYON_NUM_THREADS overrides).
 #[pyfunction]
 fn resolve_threads(requested: usize) -> usize {
@@ -801,6 +816,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(routed_experts_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(routed_experts_backward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp_team, m)?)?;
+    m.add_function(wrap_pyfunction!(use_blas, m)?)?;
+    m.add_function(wrap_pyfunction!(blas_active, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(pooled_empty, m)?)?;
     m.add_function(wrap_pyfunction!(pool_info, m)?)?;

@@ -44,6 +44,23 @@ def on_both(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Dict[str, Any]
     return out
 
 
+def available_gemms() -> "list[str]":
+    """The libraries the expert kernels' products can run on here: the crate always, MKL when
+    this torch carries it (the x86-64 Linux wheels do)."""
+    from moerust import _backend
+
+    return ["crate"] + (["mkl"] if all(_backend._mkl_entries()) else [])
+
+
+@pytest.fixture(scope="module", params=available_gemms())
+def each_gemm(request: Any) -> Iterator[str]:
+    """Runs a module's tests once per GEMM library (module scope: hypothesis allows it)."""
+    from moerust import _backend
+
+    with _backend.use_gemm(request.param):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -245,3 +245,26 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_gemm_library_switch_and_its_errors() -> None:
+    """`set_gemm` / `use_gemm` / `get_gemm` and MOERUST_GEMM: the crate is always there, MKL when
+    torch carries it; bad names are ValueErrors naming the argument or variable."""
+    from .conftest import available_gemms
+
+    before = _backend.get_gemm()
+    for name in available_gemms():
+        with _backend.use_gemm(name):
+            assert _backend.get_gemm() == name
+        assert _backend.get_gemm() == before
+    with pytest.raises(ValueError, match="name"):
+        _backend.set_gemm("openblas")
+    assert _backend.get_gemm() == before
+    code = "from moerust import _backend; print(_backend.get_gemm())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MOERUST_GEMM="crate"), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "crate"
+    bad = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MOERUST_GEMM="fortran"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "MOERUST_GEMM" in bad.stderr
+    if "mkl" in available_gemms():
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MOERUST_GEMM="mkl"), capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "mkl"

@@ -18,6 +18,9 @@ from moerust.nn import MoE, MoEConfig
 from .conftest import BACKENDS, on_both
 from .strategies import slot_indices
 
+# Every test once with the `gemm` crate and once with MKL (when torch carries it).
+pytestmark = pytest.mark.usefixtures("each_gemm")
+
 
 def _weights(e: int, d: int, f: int, activation: str, dtype: torch.dtype, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     h1 = 2 * f if activation == "swiglu" else f

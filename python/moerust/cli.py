@@ -38,6 +38,7 @@ def info() -> Dict[str, object]:
         report["native_version"] = nat.__version__
         report["native_path"] = nat.__file__
         report["rust_threads"] = nat.resolve_threads(_backend.num_threads())
+        report["expert_gemm"] = _backend.get_gemm()
         report["buffer_pool_cap_mib"] = moerust.memory_pool()["cap_bytes"] // (1 << 20)
     else:
         report["native_error"] = str(_backend._IMPORT_ERROR)
