@@ -16,6 +16,9 @@ def test_info_reports_backend_threads_and_native_path(capsys) -> None:  # type: 
     assert report["backend"] in ("rust", "torch")
     assert report["native_path"].endswith((".so", ".pyd"))
     assert report["torch_threads"] >= 1
+    from moerust import _backend
+
+    assert report["expert_gemm"] == _backend.get_gemm() and report["expert_gemm"] in _backend.GEMMS
 
 
 def test_python_dash_m_runs_info() -> None:
