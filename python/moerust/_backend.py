@@ -98,12 +98,14 @@ def _intel_cpu() -> bool:
 
 
 def set_gemm(name: str) -> None:
-    """Which library runs the expert kernels' matrix products: ``"mkl"`` (the MKL inside torch;
-    RuntimeError when this torch has none) or ``"crate"`` (the ``gemm`` crate compiled into
-    moerust). The default (``MOERUST_GEMM=auto``) is MKL on Intel CPUs when torch carries it, else
-    the crate; ``MOERUST_GEMM=mkl`` or ``crate`` chooses at import. The two
-    give results that differ in the last bits. Not thread-safe against kernels running at the
-    same time (they may mix the two)."""
+    """Which library runs the expert kernels' matrix products.
+
+    ``"mkl"``: the MKL inside torch (RuntimeError when this torch has none); ``"crate"``: the
+    ``gemm`` crate compiled into moerust. The default (``MOERUST_GEMM=auto``) is MKL on Intel CPUs
+    when torch carries it, else the crate; ``MOERUST_GEMM=mkl`` or ``crate`` chooses at import.
+    The two give results that differ in the last bits. Switching while kernels run on other
+    threads is allowed but those calls may mix the two libraries.
+    """
     if not isinstance(name, str) or name.lower() not in GEMMS:
         raise ValueError(f"name must be one of {GEMMS}, got {name!r}")
     nat = native()
