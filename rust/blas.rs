@@ -109,13 +109,21 @@ impl BlasScalar for f64 {
 /// One column-major call computing a row-major product (see [`fortran_call`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FortranCall {
+    /// `b'N'` or `b'T'` for the first operand (`rhs^T`).
     pub transa: u8,
+    /// `b'N'` or `b'T'` for the second operand (`lhs^T`).
     pub transb: u8,
+    /// Rows of the column-major result (the row-major product's columns).
     pub m: i32,
+    /// Columns of the column-major result (the row-major product's rows).
     pub n: i32,
+    /// The inner dimension.
     pub k: i32,
+    /// Leading dimension of the first operand as stored.
     pub lda: i32,
+    /// Leading dimension of the second operand as stored.
     pub ldb: i32,
+    /// Leading dimension of the result (the row-major destination's row stride).
     pub ldc: i32,
 }
 
