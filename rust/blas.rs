@@ -196,7 +196,7 @@ pub fn fortran_call(
 /// sizes, `dst` valid for writes of the `m x n` block with rows `dst_rs` apart, and nothing else
 /// may touch that block during the call; it must not overlap the operands.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm<T: BlasScalar + From<f32>>(
+pub unsafe fn gemm<T: BlasScalar + crate::real::Real>(
     m: usize,
     n: usize,
     k: usize,
@@ -215,7 +215,7 @@ pub unsafe fn gemm<T: BlasScalar + From<f32>>(
     let Some(c) = fortran_call(m, n, k, dst_rs, ls, rs) else {
         return false;
     };
-    let (alpha, beta) = (T::from(1.0), T::from(0.0));
+    let (alpha, beta) = (T::from_f64(1.0), T::ZERO);
     let (ta, tb) = (c.transa as c_char, c.transb as c_char);
     // SAFETY: `register` guarantees the addresses are MKL's `?gemm_` for this `T` and
     // `MKL_Set_Num_Threads_Local`; `fortran_call` checked every leading dimension against the

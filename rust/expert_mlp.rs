@@ -55,11 +55,7 @@ impl Activation {
 /// Why scratch is reused: a fresh multi-megabyte buffer is a fresh mapping, and touching it costs a
 /// page fault per 4 KiB, which measured *more* than the activation arithmetic itself.
 pub trait MlpReal:
-    Real
-    + crate::blas::BlasScalar
-    + From<f32>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Div<Output = Self>
+    Real + crate::blas::BlasScalar + std::ops::Sub<Output = Self> + std::ops::Div<Output = Self>
 {
     /// 1.
     const ONE: Self;

@@ -9,6 +9,7 @@ twins automatically.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -58,13 +59,14 @@ if _native_module is not None:
 GEMMS = ("mkl", "crate")
 
 
+@functools.lru_cache(maxsize=None)
 def _mkl_entries() -> "tuple[int, int, int]":
     """Addresses of MKL's ``sgemm_``, ``dgemm_`` and ``MKL_Set_Num_Threads_Local`` in the
     libtorch_cpu torch loaded, or zeros.
 
     The expert kernels run their matrix products on them when found (``rust/blas.rs``: faster than
     the ``gemm`` crate on the expert tiles on Intel CPUs); the x86-64 torch wheels for Linux carry
-    MKL, other builds fall back to the ``gemm`` crate.
+    MKL, other builds fall back to the ``gemm`` crate. Looked up once per process.
     """
     none = (0, 0, 0)
     if not torch.backends.mkl.is_available():
@@ -133,17 +135,6 @@ def use_gemm(name: str) -> Iterator[None]:
     finally:
         set_gemm(before)
 
-
-if _native_module is not None:
-    _gemm_env = os.environ.get("MOERUST_GEMM", "auto").lower()
-    if _gemm_env not in ("auto",) + GEMMS:
-        raise ValueError(f"MOERUST_GEMM must be one of {('auto',) + GEMMS}, got {_gemm_env!r}")
-    # auto: MKL on Intel CPUs, where it measured faster (the d=256 layer at 16 threads on the lent
-    # Xeon: 17.9 against 21.7 ms); on the AMD EPYC dev box it measured ~8 % slower than the crate.
-    _wants_mkl = _gemm_env == "mkl" or (_gemm_env == "auto" and _intel_cpu())
-    _native_module.use_blas(*(_mkl_entries() if _wants_mkl else (0, 0, 0)))
-    if _gemm_env == "mkl" and not _native_module.blas_active():
-        raise RuntimeError("MOERUST_GEMM=mkl, but this torch build carries no MKL with sgemm_/dgemm_ exported")
 
 BACKENDS = ("rust", "torch")
 RUST_DTYPES = (torch.float32, torch.float64)
@@ -280,3 +271,17 @@ def memory_pool() -> dict:
 def empty_cache() -> int:
     """Frees the idle blocks of the native output-buffer pool; returns the bytes released."""
     return int(_native_module.pool_clear()) if _native_module is not None else 0
+
+
+# The starting GEMM library, last: set_gemm uses native(), defined above.
+if _native_module is not None:
+    _gemm_env = os.environ.get("MOERUST_GEMM", "auto").lower()
+    if _gemm_env not in ("auto",) + GEMMS:
+        raise ValueError(f"MOERUST_GEMM must be one of {('auto',) + GEMMS}, got {_gemm_env!r}")
+    if _gemm_env == "mkl" and not all(_mkl_entries()):
+        raise RuntimeError("MOERUST_GEMM=mkl, but this torch build carries no MKL with sgemm_/dgemm_ exported")
+    # auto: MKL on Intel CPUs, where it measured faster (the d=256 layer at 16 threads on the lent
+    # Xeon: 17.9 against 21.7 ms); on the AMD EPYC dev box it measured ~8 % slower than the crate.
+    # The extension starts on the crate.
+    if _gemm_env == "mkl" or (_gemm_env == "auto" and _intel_cpu() and all(_mkl_entries())):
+        set_gemm("mkl")
