@@ -2,6 +2,7 @@
 //! sliding-window masks. Each module is plain Rust over slices; `python.rs` (feature `python`)
 //! is the only file that knows about Python.
 
+pub mod balance;
 pub mod blas;
 pub mod dispatch;
 pub mod error;

@@ -12,6 +12,7 @@ use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+use crate::balance;
 use crate::dispatch;
 use crate::error::KernelError;
 use crate::expert_mlp::{self, Activation, MlpShape};
@@ -585,6 +586,31 @@ macro_rules! route_weight_kernels {
     };
 }
 
+macro_rules! balance_kernels {
+    ($t:ty, $name:ident) => {
+        /// Each expert's share of the kept slots into `share [E]`; returns the Switch balance
+        /// loss of `probs [T, E]` and `idx [T, K]`.
+        #[pyfunction]
+        fn $name<'py>(
+            py: Python<'py>,
+            probs: PyReadonlyArray2<'py, $t>,
+            idx: PyReadonlyArray2<'py, i64>,
+            mut share: PyReadwriteArray1<'py, $t>,
+            threads: usize,
+        ) -> PyResult<f64> {
+            let (t, e, k) = (probs.shape()[0], probs.shape()[1], idx.shape()[1]);
+            let (p, ix) = (slice!(probs, "probs"), slice!(idx, "idx"));
+            let l = slice_mut!(share, "share");
+            Ok(run_team(py, threads, t * (k + e), || {
+                balance::switch_balance(p, t, e, ix, k, l)
+            })?)
+        }
+    };
+}
+
+balance_kernels!(f32, switch_balance_f32);
+balance_kernels!(f64, switch_balance_f64);
+
 route_weight_kernels!(f32, route_weights_f32, route_weights_backward_f32);
 route_weight_kernels!(f64, route_weights_f64, route_weights_backward_f64);
 
@@ -782,6 +808,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TILE_EMPTY", window_mask::TILE_EMPTY)?;
     m.add("TILE_PARTIAL", window_mask::TILE_PARTIAL)?;
     m.add("TILE_FULL", window_mask::TILE_FULL)?;
+    m.add_function(wrap_pyfunction!(switch_balance_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(switch_balance_f64, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_f32, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_f64, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_backward_f32, m)?)?;

@@ -264,6 +264,8 @@ class MoE(nn.Module):
                 return self.global_balance.loss(r.probs, r.idx)
             if c.balance == "none":
                 return r.probs.new_zeros(())
+            if r.balance is not None:  # the router op computed it: no ops, no autograd nodes here
+                return r.balance if torch.is_grad_enabled() else r.balance.detach()
             return switch_loss(r.probs, r.idx, counts=counts, p_mean=mean_probs(), total=assigned)
 
         formulas = {

@@ -52,6 +52,9 @@ class RouterOutput:
         weights: ``[T, K]`` combine weights (0 in unused slots), differentiable.
         counts: ``[T]`` experts per token.
         threshold: ``[T]`` learned top-p thresholds, or None.
+        share: ``[E]`` each expert's share of the slots, when the router op counted them, else None.
+        balance: the Switch balance loss of this routing (differentiable), when the router op
+            computed it (the one-op modes: see :meth:`Router.forward`), else None.
     """
 
     logits: torch.Tensor
@@ -60,6 +63,8 @@ class RouterOutput:
     weights: torch.Tensor
     counts: torch.Tensor
     threshold: Optional[torch.Tensor] = None
+    share: Optional[torch.Tensor] = None
+    balance: Optional[torch.Tensor] = None
 
 
 class Router(nn.Module):
@@ -135,13 +140,16 @@ class Router(nn.Module):
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         if self.routing == "softmax_topk" and not self.bias_balance:
-            # softmax -> topk_route -> route_weights as one op (same values, one autograd node).
-            probs, idx, weights = ops.topk_router(logits, self.k, self.renormalize)
-            return RouterOutput(logits, probs, idx, weights, self._topk_counts(x))
+            # softmax -> topk_route -> route_weights as one op (same values, one autograd node),
+            # which also returns the Switch balance loss.
+            probs, idx, weights, share, balance = ops.topk_router(logits, self.k, self.renormalize, balance=True)
+            return RouterOutput(logits, probs, idx, weights, self._topk_counts(x), share=share, balance=balance)
         if self.routing == "topp" and self.threshold is None:
-            # softmax -> topp_route -> route_weights as one op (same values, one autograd node).
-            probs, idx, counts, weights = ops.topp_router(logits, self.p, self.min_k, self.max_k, self.renormalize)
-            return RouterOutput(logits, probs, idx, weights, counts)
+            # The same for top-p: softmax -> topp_route -> route_weights, and the balance loss.
+            probs, idx, counts, weights, share, balance = ops.topp_router(
+                logits, self.p, self.min_k, self.max_k, self.renormalize, balance=True
+            )
+            return RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)
         probs = ops.softmax(logits)
         if self.routing == "topp" and self.threshold is not None:  # a learned per-token threshold
             threshold = 0.1 + 0.6 * torch.sigmoid(self.threshold(x).squeeze(-1))

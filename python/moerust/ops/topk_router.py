@@ -7,8 +7,10 @@ route_weights(probs, idx, renormalize)`` — bit for bit, on either backend, wit
 entry with checks, an autograd node and a native call; at the sizes of a small layer (1024 tokens
 of 8 experts) that wrapping costs more than the kernels (40-75 us per op on the lent 16-core VM,
 inside a layer step of ~2.5 ms), and the router's forward and backward had five of them. Here the
-same kernels run behind one entry and one autograd node, and the backward adds the two incoming
-gradients before a single softmax backward.
+same kernels run behind one entry and one autograd node, and the backward adds the incoming
+gradients before a single softmax backward. The op also returns the Switch balance loss of its
+routing (``balance=True``; :mod:`moerust.ops.balance`), so the layer's default loss adds no torch
+ops or autograd nodes of its own.
 
 A ``torch.library`` custom op with a fake kernel and an autograd formula (``torch.compile``
 works); plain eager calls take the same implementation through ``torch.autograd.Function``.
@@ -21,33 +23,47 @@ from typing import Any, Optional, Tuple
 import torch
 
 from . import _checks, _eager
+from .balance import _switch_balance_impl, add_balance_grad
 from .route_weights import _route_weights_backward_op, _route_weights_impl
 from .router_softmax import _softmax_backward_op, _softmax_impl, _takes_kernel_op
 from .routing import _topk_route_impl
 
 
-def _topk_router_impl(logits: torch.Tensor, k: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # The three ops' own implementations (each picks the Rust kernel or its torch twin).
+Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _topk_router_impl(logits: torch.Tensor, k: int, renormalize: bool) -> Outputs:
+    # The three ops' own implementations (each picks the Rust kernel or its torch twin), and the
+    # balance loss with the experts' shares of the slots.
     probs = _softmax_impl(logits) if _takes_kernel_op(logits) else torch.softmax(logits.detach(), dim=-1)
     idx = _topk_route_impl(probs, k)
-    return probs, idx, _route_weights_impl(probs, idx, renormalize)
+    share, balance = _switch_balance_impl(probs, idx)
+    return probs, idx, _route_weights_impl(probs, idx, renormalize), share, balance
 
 
 _topk_router_op = torch.library.custom_op("moerust::topk_router", mutates_args=())(_topk_router_impl)
 
 
 @_topk_router_op.register_fake
-def _(logits: torch.Tensor, k: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = logits.shape[0]
-    return torch.empty_like(logits), logits.new_empty(rows, k, dtype=torch.int64), logits.new_empty(rows, k)
+def _(logits: torch.Tensor, k: int, renormalize: bool) -> Outputs:
+    rows, num_experts = logits.shape
+    return (
+        torch.empty_like(logits),
+        logits.new_empty(rows, k, dtype=torch.int64),
+        logits.new_empty(rows, k),
+        logits.new_empty(num_experts),
+        logits.new_empty(()),
+    )
 
 
 @_eager.backward_op("moerust::topk_router_backward")
 def _router_backward_op(
     grad_probs: Optional[torch.Tensor],
     grad_weights: torch.Tensor,
+    grad_balance: Optional[torch.Tensor],
     probs: torch.Tensor,
     idx: torch.Tensor,
+    share: torch.Tensor,
     renormalize: bool,
     softmax_op: bool,
 ) -> torch.Tensor:
@@ -55,6 +71,8 @@ def _router_backward_op(
     dp = _route_weights_backward_op.fn(grad_weights, probs, idx, renormalize)
     if grad_probs is not None:
         dp = dp.add_(grad_probs)
+    if grad_balance is not None:
+        dp = add_balance_grad(dp, grad_balance, share)
     # The softmax backward of the path the forward took, as the composed ops would run it.
     if softmax_op:
         return _softmax_backward_op.fn(dp, probs)
@@ -62,52 +80,66 @@ def _router_backward_op(
 
 
 @_router_backward_op.register_fake
-def _(grad_probs, grad_weights, probs, idx, renormalize, softmax_op):  # type: ignore[no-untyped-def]
+def _(grad_probs, grad_weights, grad_balance, probs, idx, share, renormalize, softmax_op):  # type: ignore[no-untyped-def]
     return torch.empty_like(probs)
 
 
-def router_setup(ctx: Any, logits: torch.Tensor, renormalize: bool, probs: torch.Tensor, idx: torch.Tensor, *selection: torch.Tensor) -> None:
-    """What a router op's backward needs (shared with ``topp_router``); ``idx`` and the other
-    ``selection`` outputs (e.g. counts) get no gradient."""
+def router_setup(
+    ctx: Any, logits: torch.Tensor, renormalize: bool, probs: torch.Tensor, idx: torch.Tensor, share: torch.Tensor, *selection: torch.Tensor
+) -> None:
+    """What a router op's backward needs (shared with ``topp_router``); ``idx``, ``share`` and
+    the other ``selection`` outputs (e.g. counts) get no gradient."""
     ctx.renormalize = renormalize
     ctx.softmax_op = _takes_kernel_op(logits)  # the forward's choice, for its backward
-    ctx.mark_non_differentiable(idx, *selection)
+    ctx.mark_non_differentiable(idx, share, *selection)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(probs, idx)
+    ctx.save_for_backward(probs, idx, share)
 
 
-def router_backward(ctx: Any, grad_probs: Optional[torch.Tensor], grad_weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The gradient of a router op's logits from those of its probabilities and weights (shared
-    with ``topp_router``)."""
-    probs, idx = ctx.saved_tensors
+def router_backward(
+    ctx: Any, grad_probs: Optional[torch.Tensor], grad_weights: Optional[torch.Tensor], grad_balance: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """The gradient of a router op's logits from those of its probabilities, weights and balance
+    loss (shared with ``topp_router``)."""
+    if grad_probs is None and grad_weights is None and grad_balance is None:
+        return None
+    probs, idx, share = ctx.saved_tensors
     if grad_weights is None:
         grad_weights = torch.zeros(idx.shape, dtype=probs.dtype, device=probs.device)
     if grad_probs is not None:
         grad_probs = grad_probs.contiguous()
-    return _router_backward_op(grad_probs, grad_weights.contiguous(), probs, idx, ctx.renormalize, ctx.softmax_op)
+    return _router_backward_op(grad_probs, grad_weights.contiguous(), grad_balance, probs, idx, share, ctx.renormalize, ctx.softmax_op)
 
 
-def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Outputs) -> None:
     logits, _, renormalize = inputs
-    probs, idx, _ = output
-    router_setup(ctx, logits, renormalize, probs, idx)
+    probs, idx, _, share, _ = output
+    router_setup(ctx, logits, renormalize, probs, idx, share)
 
 
 def _backward(
-    ctx: Any, grad_probs: Optional[torch.Tensor], grad_idx: Optional[torch.Tensor], grad_weights: Optional[torch.Tensor]
+    ctx: Any,
+    grad_probs: Optional[torch.Tensor],
+    grad_idx: Optional[torch.Tensor],
+    grad_weights: Optional[torch.Tensor],
+    grad_load: Optional[torch.Tensor],
+    grad_balance: Optional[torch.Tensor],
 ) -> Tuple[Optional[torch.Tensor], None, None]:
-    return router_backward(ctx, grad_probs, grad_weights), None, None
+    return router_backward(ctx, grad_probs, grad_weights, grad_balance), None, None
 
 
 _topk_router = _eager.differentiable(_topk_router_op, _topk_router_impl, _backward, _setup)
 
 
-def topk_router(logits: torch.Tensor, k: int, renormalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_router(logits: torch.Tensor, k: int, renormalize: bool = True, balance: bool = False) -> Tuple[torch.Tensor, ...]:
     """``(probs [T, E], idx [T, k], weights [T, k])`` of a softmax-then-top-k router.
 
     The same values as ``probs = softmax(logits)``, ``idx = topk_route(probs, k)``,
     ``weights = route_weights(probs, idx, renormalize)``, computed in one op (see the module
     docstring); ``probs`` and ``weights`` are differentiable in ``logits``, ``idx`` is not.
+    With ``balance=True`` it returns ``(probs, idx, weights, share, loss)``: ``share [E]``,
+    each expert's share of the slots, and the Switch balance loss of this routing
+    (:mod:`moerust.ops.balance`), differentiable in ``logits`` through the probabilities.
     Raises ValueError if ``k`` is outside [1, E] or the probabilities contain NaN.
     """
     logits = _checks.tensor(logits, "logits", ndim=2)
@@ -117,4 +149,7 @@ def topk_router(logits: torch.Tensor, k: int, renormalize: bool = True) -> Tuple
     k = _checks.integer(k, "k", lo=1, hi=num_experts)
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-    return _topk_router(logits.contiguous(), k, renormalize)
+    if not isinstance(balance, bool):
+        raise TypeError(f"balance must be a bool, got {type(balance).__name__}")
+    outputs = _topk_router(logits.contiguous(), k, renormalize)
+    return outputs if balance else outputs[:3]
