@@ -213,6 +213,7 @@ def test_the_layer_runs_it_once(backend: str, monkeypatch: Any) -> None:
 
     monkeypatch.setattr(ops, "routed_experts", spy)
     layer = MoE(MoEConfig(dim=8, hidden=6, num_experts=4, k=2))
+    layer.one_node = False  # the composed layer (the one-node path runs the op's implementation)
     x = torch.randn(2, 5, 8)
     y, _ = layer(x)
     composed = _composed(x.reshape(10, 8), layer.router(x.reshape(10, 8)).weights, ops.dispatch_plan(layer.router(x.reshape(10, 8)).idx, 4), layer.experts.w1, layer.experts.w2, "swiglu")

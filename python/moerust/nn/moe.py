@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops import _checks
+from ..ops import _checks, _eager
 from ..ops.experts import activate, hidden_rows
 from .losses import GlobalBatchBalance, entropy_loss, expert_counts, switch_loss, uniform_mse_loss, z_loss
+from .fused import RoutedLayer
 from .router import Router, RouterOutput
 from .stats import RouterStats, RoutingStats
 
@@ -206,6 +207,9 @@ class MoE(nn.Module):
         self.stats = RouterStats(c.num_experts, c.stats_beta)
         self.global_balance = GlobalBatchBalance(c.num_experts) if c.balance == "global" else None
         self._load_since_step = torch.zeros(c.num_experts)
+        # Take the one-node path when a call allows it (False: always compose the ops; the
+        # values are the same, this exists to compare the two).
+        self.one_node = True
 
     def capacity(self, assignments: int) -> Optional[int]:
         """Rows each expert may keep for ``assignments`` routed slots (None = dropless)."""
@@ -219,16 +223,16 @@ class MoE(nn.Module):
             raise ValueError(f"x must have {c.dim} features (config.dim), got shape {tuple(x.shape)}")
         shape = x.shape
         x2 = x.reshape(-1, c.dim)
-        r = self.router(x2)
-        capacity = None
-        if c.capacity_factor is not None:
-            # Top-k routes exactly k slots per token; only top-p needs the count summed.
-            routed = int(r.counts.sum()) if self.router.routing == "topp" else x2.shape[0] * c.k
-            capacity = self.capacity(routed)
-        plan = ops.dispatch_plan(r.idx, c.num_experts, capacity)
+        y: Optional[torch.Tensor] = None
+        if self._one_node(x2):
+            r, plan, y = self._one_node_forward(x2)
+        else:
+            r = self.router(x2)
+            plan = self._plan(r.idx, r.counts)
         assigned = plan.num_rows + plan.dropped  # every routed slot is kept or dropped
-        # The losses and statistics need only the routing: they run before the expert kernels,
-        # whose buffers would otherwise have pushed this Python-heavy bookkeeping out of cache.
+        # The losses and statistics need only the routing: on the composed path they run before
+        # the expert kernels, whose buffers would otherwise have pushed this Python-heavy
+        # bookkeeping out of cache.
         counts = plan.counts if plan.capacity is None else expert_counts(r.idx, c.num_experts)
         weights = c.loss_weights()
         losses = self._losses(r, counts, assigned, weights)
@@ -240,10 +244,44 @@ class MoE(nn.Module):
                 self._load_since_step = self._load_since_step.to(plan.counts.device)
             self._load_since_step.add_(plan.counts)
         stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
-        y = self.experts.routed(x2, r.weights.to(x2.dtype), plan)
+        if y is None:
+            y = self.experts.routed(x2, r.weights.to(x2.dtype), plan)
         if self.shared is not None:
             y = y + self.shared(x2)
         return y.reshape(shape), MoEAux(losses, weighted, stats, r)
+
+    def _plan(self, idx: torch.Tensor, counts: torch.Tensor) -> ops.Plan:
+        """The dispatch plan of a routing (``counts``: experts per token), with this layer's
+        capacity."""
+        c = self.config
+        capacity = None
+        if c.capacity_factor is not None:
+            # Top-k routes exactly k slots per token; only top-p needs the count summed.
+            routed = int(counts.sum()) if self.router.routing == "topp" else idx.shape[0] * c.k
+            capacity = self.capacity(routed)
+        return ops.dispatch_plan(idx, c.num_experts, capacity)
+
+    def _one_node(self, x2: torch.Tensor) -> bool:
+        """Whether this call can take the one-node path (:mod:`moerust.nn.fused`): a plain eager
+        call whose router selects in one op (:attr:`Router.one_op`) and adds no training noise,
+        with no hooks on the router and its weights in ``x``'s dtype."""
+        r = self.router
+        if not self.one_node or not r.one_op or (self.training and (r.noise_std > 0 or r.jitter > 0)):
+            return False
+        if r._forward_hooks or r._forward_pre_hooks or r.weight.dtype != x2.dtype:
+            return False
+        return _eager._plain_eager((x2, r.weight, self.experts.w1, self.experts.w2))
+
+    def _one_node_forward(self, x2: torch.Tensor) -> "tuple[RouterOutput, ops.Plan, torch.Tensor]":
+        r = self.router
+        out: Dict[str, object] = {}
+        y, balance, logits, probs, weights = RoutedLayer.apply(
+            x2, r.weight, self.experts.w1, self.experts.w2, r.temperature, r.renormalize, r.select, self._plan,
+            self.experts.activation, out,
+        )  # fmt: skip
+        idx, counts, share = out["selection"]  # type: ignore[misc]
+        routing = RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)
+        return routing, out["plan"], y  # type: ignore[return-value]
 
     def _losses(self, r: RouterOutput, counts: torch.Tensor, assigned: int, weights: Dict[str, float]) -> "Losses":
         # ``counts``: assignments per expert before capacity drops, ``assigned`` their sum.

@@ -28,6 +28,8 @@ from torch import nn
 from .. import ops
 from ..ops import _checks
 from ..ops.route_weights import MIN_SUM
+from ..ops.topk_router import _topk_router_impl
+from ..ops.topp_router import _topp_router_impl
 
 ROUTINGS = ("softmax_topk", "topk_softmax", "topp")
 
@@ -139,12 +141,12 @@ class Router(nn.Module):
             logits = logits / self.temperature
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
-        if self.routing == "softmax_topk" and not self.bias_balance:
+        if self.one_op and self.routing == "softmax_topk":
             # softmax -> topk_route -> route_weights as one op (same values, one autograd node),
             # which also returns the Switch balance loss.
             probs, idx, weights, share, balance = ops.topk_router(logits, self.k, self.renormalize, balance=True)
             return RouterOutput(logits, probs, idx, weights, self._topk_counts(x), share=share, balance=balance)
-        if self.routing == "topp" and self.threshold is None:
+        if self.one_op:
             # The same for top-p: softmax -> topp_route -> route_weights, and the balance loss.
             probs, idx, counts, weights, share, balance = ops.topp_router(
                 logits, self.p, self.min_k, self.max_k, self.renormalize, balance=True
@@ -168,6 +170,25 @@ class Router(nn.Module):
         else:
             weights = ops.route_weights(probs, idx, self.renormalize)
         return RouterOutput(logits, probs, idx, weights, self._topk_counts(x))
+
+    @property
+    def one_op(self) -> bool:
+        """Whether this router's selection runs as one router op (softmax-then-top-k without bias
+        balancing, or top-p with a fixed threshold); those modes also return the balance loss."""
+        if self.routing == "topp":
+            return self.threshold is None
+        return self.routing == "softmax_topk" and not self.bias_balance
+
+    def select(self, logits: torch.Tensor) -> "tuple[torch.Tensor, ...]":
+        """``(probs, idx, counts, weights, share, balance)`` from final logits (after temperature
+        and noise), without autograd: the one-op modes' implementation (see :attr:`one_op`), for
+        the layer's one-node path (:class:`moerust.nn.fused.RoutedLayer`), whose backward
+        differentiates it."""
+        if self.routing == "topp":
+            thresholds = torch.tensor([self.p], dtype=torch.float32, device=logits.device)
+            return _topp_router_impl(logits, thresholds, self.min_k, self.max_k, self.renormalize)
+        probs, idx, weights, share, balance = _topk_router_impl(logits, self.k, self.renormalize)
+        return probs, idx, self._topk_counts(logits), weights, share, balance
 
     def _topk_counts(self, x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0],), self.k, dtype=torch.int64, device=x.device)

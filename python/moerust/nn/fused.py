@@ -1,0 +1,124 @@
+"""The MoE layer's one-node path: router logits -> routing and balance loss -> dispatch plan ->
+routed experts, as a single autograd node.
+
+Why: on a small layer (d = 64, a thousand tokens) at 16 threads, every autograd node and every
+Python op entry costs tens of microseconds, and the composed layer has three nodes around its
+kernels (the router's linear, the router op, the routed experts) plus their entries and checks.
+Here the same implementations run back to back (so the same values, bit for bit) behind one
+node. Its backward runs the routed experts' backward, then the router's (the routing weights'
+gradient comes out of the experts' backward; the balance loss's is added to it), then the
+linear's.
+
+:meth:`moerust.nn.MoE.forward` takes this path for plain eager calls whose router selects in one
+op (:attr:`moerust.nn.Router.one_op`) and adds no training noise (see ``MoE._one_node``). The
+router's logits, probabilities and weights stay differentiable outputs, so the z, entropy,
+uniform and global-batch losses, and any use of them outside the layer, backpropagate as on the
+composed path. ``torch.compile``, hooks on the router and the other router modes compose the ops,
+which give the same values (``tests/test_one_node.py``: equal bits, except that with shared
+experts ``x``'s gradient adds its three terms in another order).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import _eager
+from ..ops.dispatch import Plan
+from ..ops.routed_experts import _routed_experts_backward_op, _routed_experts_impl
+from ..ops.router_softmax import _takes_kernel_op
+from ..ops.topk_router import _router_backward_op
+
+# (probs, idx, counts, weights, share, balance) of a routing, from its logits.
+Select = Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]
+
+
+class RoutedLayer(torch.autograd.Function):
+    """``(y, balance, logits, probs, weights) = RoutedLayer.apply(x, router_weight, w1, w2,
+    temperature, renormalize, select, plan_of, activation, out)``, all five differentiable as on
+    the composed path; ``out`` (a dict) receives ``"selection"`` = ``(idx, counts, share)`` and
+    ``"plan"``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        router_weight: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        temperature: float,
+        renormalize: bool,
+        select: Select,
+        plan_of: Callable[[torch.Tensor, torch.Tensor], Plan],
+        activation: str,
+        out: Dict[str, Any],
+    ) -> Tuple[torch.Tensor, ...]:
+        # The router's own ops, in its order (same bits as Router.forward).
+        logits = F.linear(x, router_weight)
+        if temperature != 1.0:
+            logits = logits / temperature
+        probs, idx, counts, weights, share, balance = select(logits)
+        plan = plan_of(idx, counts)
+        y, xs, h, ys = _routed_experts_impl(
+            x, weights, w1, w2, plan.row_token, plan.row_slot, plan.slot_row, plan.offsets, activation
+        )  # fmt: skip
+        out["selection"] = (idx, counts, share)
+        out["plan"] = plan
+        ctx.temperature, ctx.renormalize, ctx.activation = temperature, renormalize, activation
+        ctx.softmax_op = _takes_kernel_op(logits)  # the router's softmax path, for its backward
+        ctx.eager_call = True  # (see _eager.saved_tensors_die: ys is never handed out)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(
+            x, router_weight, w1, w2, probs, idx, share, weights, xs, h, ys,
+            plan.row_token, plan.row_slot, plan.slot_row, plan.offsets,
+        )  # fmt: skip
+        return y, balance, logits, probs, weights
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any,
+        grad_y: Optional[torch.Tensor],
+        grad_balance: Optional[torch.Tensor],
+        grad_logits: Optional[torch.Tensor],
+        grad_probs: Optional[torch.Tensor],
+        grad_weights: Optional[torch.Tensor],
+    ) -> Tuple[Optional[torch.Tensor], ...]:
+        saved = ctx.saved_tensors
+        x, router_weight, w1, w2, probs, idx, share, weights, xs, h, ys = saved[:11]
+        plan = saved[11:]
+        need_x, need_router, need_w1, need_w2 = ctx.needs_input_grad[:4]
+        dx = dweights = dw1 = dw2 = drouter = None
+        if grad_y is not None:
+            grad_y = grad_y.contiguous()
+            overwrite = _eager.saved_tensors_die(ctx, grad_y, *saved)
+            dx, dweights, dw1, dw2 = _routed_experts_backward_op(
+                grad_y, xs, h, ys, weights, w1, w2, *plan, ctx.activation, overwrite
+            )  # fmt: skip
+        if grad_weights is not None:  # the weights were also used outside the layer
+            dweights = grad_weights if dweights is None else dweights.add_(grad_weights)
+        router_grads = (dweights, grad_balance, grad_probs, grad_logits)
+        if (need_x or need_router) and any(g is not None for g in router_grads):
+            dlogits = None
+            if dweights is not None or grad_balance is not None or grad_probs is not None:
+                if dweights is None:
+                    dweights = torch.zeros_like(weights)
+                if grad_probs is not None:
+                    grad_probs = grad_probs.contiguous()
+                dlogits = _router_backward_op(
+                    grad_probs, dweights.contiguous(), grad_balance, probs, idx, share, ctx.renormalize, ctx.softmax_op
+                )  # fmt: skip
+            if grad_logits is not None:
+                dlogits = grad_logits if dlogits is None else dlogits + grad_logits
+            assert dlogits is not None
+            if ctx.temperature != 1.0:
+                dlogits = dlogits / ctx.temperature
+            if need_x:
+                # mm then add (not addmm): the composed layer's autograd sums the two the same way.
+                through_router = dlogits.mm(router_weight)
+                dx = through_router if dx is None else dx.add_(through_router)
+            if need_router:
+                drouter = dlogits.t().mm(x)
+        none = (None,) * 6
+        return (dx if need_x else None, drouter, dw1 if need_w1 else None, dw2 if need_w2 else None) + none
