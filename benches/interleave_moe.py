@@ -4,7 +4,8 @@ shared machine hits every variant alike (pytest-benchmark runs one variant's rou
 Usage: ``python -m benches.interleave_moe THREADS d ff E k T [VARIANT,VARIANT,...] [--passes N]``;
 prints each variant's median step time (ms) per pass and as JSON on the last line. A variant
 ``NAME@GEMM`` runs ``NAME`` with the expert kernels' products on ``GEMM`` (``mkl`` or ``crate``,
-see ``moerust._backend.set_gemm``), e.g. ``moerust@mkl,moerust@crate``.
+see ``moerust._backend.set_gemm``), e.g. ``moerust@mkl,moerust@crate``; ``moerust-composed`` is
+the layer with its composed ops instead of its one-node path.
 """
 
 from __future__ import annotations

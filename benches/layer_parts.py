@@ -9,7 +9,8 @@ rest of a step (torch ops such as the router's matmuls, the autograd engine) is 
 minus the listed parts.
 
 Usage: ``python -m benches.layer_parts THREADS [VARIANT [d ff E k T]]`` (default: moerust, the
-d=64 config).
+d=64 config). The layer's one-node path shows as "one-node forward/backward" with the kernels
+inside; ``moerust-composed`` times the composed ops instead.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def instrument(total: Dict[str, float], calls: Dict[str, int]) -> None:
         except ImportError:
             continue
         setattr(mod, attr, timed(f"bw {attr.strip('_').removesuffix('_op')}", getattr(mod, attr)))
+    try:  # the layer's one-node path: its forward and backward, and the kernels its backward calls
+        from moerust.nn import fused
+    except ImportError:
+        fused = None
+    if fused is not None:
+        layer_fn = fused.RoutedLayer
+        layer_fn.forward = staticmethod(timed("one-node forward", layer_fn.forward))  # type: ignore[method-assign]
+        layer_fn.backward = staticmethod(timed("one-node backward", layer_fn.backward))  # type: ignore[method-assign]
+        for attr in ("_routed_experts_backward_op", "_router_backward_op"):
+            setattr(fused, attr, timed(f"bw {attr.strip('_').removesuffix('_op')}", getattr(fused, attr)))
     moe.RouterStats.update = timed("stats update", moe.RouterStats.update)  # type: ignore[method-assign]
     moe.MoE._losses = timed("losses", moe.MoE._losses)  # type: ignore[method-assign]
 

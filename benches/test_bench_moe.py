@@ -70,8 +70,10 @@ def build(variant: str, d: int, ff: int, e: int, k: int, t: int) -> Tuple[Callab
     x = torch.randn(1, t, d, generator=g, requires_grad=True)
     grad = torch.randn(1, t, d, generator=g)
     if variant.startswith("moerust"):
-        routing = "topp" if variant == "moerust-topp" else "softmax_topk"
+        routing = "topp" if variant.startswith("moerust-topp") else "softmax_topk"
         layer = MoE(MoEConfig(dim=d, hidden=ff, num_experts=e, k=k, routing=routing, max_k=None))
+        # "...-composed": the layer's composed ops instead of its one-node path (for A/B scripts).
+        layer.one_node = not variant.endswith("-composed")
         if routing == "topp":
             info["p"] = calibrate_p(layer, x)
         backend = "torch" if variant == "moerust-torch" else "rust"
