@@ -71,8 +71,9 @@ def instrument(total: Dict[str, float], calls: Dict[str, int]) -> None:
         layer_fn = fused.RoutedLayer
         layer_fn.forward = staticmethod(timed("one-node forward", layer_fn.forward))  # type: ignore[method-assign]
         layer_fn.backward = staticmethod(timed("one-node backward", layer_fn.backward))  # type: ignore[method-assign]
-        for attr in ("_routed_experts_backward_op", "_router_backward_op"):
-            setattr(fused, attr, timed(f"bw {attr.strip('_').removesuffix('_op')}", getattr(fused, attr)))
+        for attr in ("_routed_experts_backward_op", "router_backward"):
+            if hasattr(fused, attr):
+                setattr(fused, attr, timed(f"bw {attr.strip('_').removesuffix('_op')}", getattr(fused, attr)))
     moe.RouterStats.update = timed("stats update", moe.RouterStats.update)  # type: ignore[method-assign]
     moe.MoE._losses = timed("losses", moe.MoE._losses)  # type: ignore[method-assign]
 

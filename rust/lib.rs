@@ -15,6 +15,7 @@ pub mod pool;
 pub mod real;
 pub mod route_weights;
 pub mod routed_experts;
+pub mod router_backward;
 pub mod routing;
 pub mod softmax;
 pub mod stream;

@@ -20,6 +20,7 @@ use crate::lars;
 use crate::pool;
 use crate::route_weights;
 use crate::routed_experts::{self, GradYs, PlanView};
+use crate::router_backward::{self, RouterGrads, RouterSaved};
 use crate::routing;
 use crate::softmax;
 use crate::threads::with_team;
@@ -611,6 +612,68 @@ macro_rules! balance_kernels {
 balance_kernels!(f32, switch_balance_f32);
 balance_kernels!(f64, switch_balance_f64);
 
+macro_rules! router_backward_kernels {
+    ($t:ty, $name:ident) => {
+        /// A router's whole backward: adds its gradient of `x` to `dx [T, d]` and writes
+        /// `dweight [E, d]` from the gradients of its weights, probabilities, logits and balance
+        /// loss (`balance = (grad, share [E])`).
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+        fn $name<'py>(
+            py: Python<'py>,
+            grad_weights: PyReadonlyArray2<'py, $t>,
+            grad_probs: Option<PyReadonlyArray2<'py, $t>>,
+            grad_logits: Option<PyReadonlyArray2<'py, $t>>,
+            balance: Option<($t, PyReadonlyArray1<'py, $t>)>,
+            saved: (
+                PyReadonlyArray2<'py, $t>,
+                PyReadonlyArray2<'py, $t>,
+                PyReadonlyArray2<'py, $t>,
+                PyReadonlyArray2<'py, i64>,
+            ),
+            renormalize: bool,
+            temperature: $t,
+            mut dx: PyReadwriteArray2<'py, $t>,
+            mut dweight: PyReadwriteArray2<'py, $t>,
+            threads: usize,
+        ) -> PyResult<()> {
+            let (x, weight, probs, idx) = &saved;
+            let (t, d) = (x.shape()[0], x.shape()[1]);
+            let (e, k) = (probs.shape()[1], idx.shape()[1]);
+            let s = RouterSaved {
+                x: slice!(x, "x"),
+                weight: slice!(weight, "router_weight"),
+                probs: slice!(probs, "probs"),
+                idx: slice!(idx, "idx"),
+                renormalize,
+                temperature,
+            };
+            let g = RouterGrads {
+                weights: slice!(grad_weights, "grad_weights"),
+                probs: match &grad_probs {
+                    Some(a) => Some(slice!(a, "grad_probs")),
+                    None => None,
+                },
+                logits: match &grad_logits {
+                    Some(a) => Some(slice!(a, "grad_logits")),
+                    None => None,
+                },
+                balance: match &balance {
+                    Some((c, share)) => Some((*c, slice!(share, "share"))),
+                    None => None,
+                },
+            };
+            let (dxv, dwv) = (slice_mut!(dx, "dx"), slice_mut!(dweight, "dweight"));
+            Ok(run_team(py, threads, t * e * (4 * d + k), || {
+                router_backward::router_backward(&s, t, e, k, d, &g, dxv, dwv)
+            })?)
+        }
+    };
+}
+
+router_backward_kernels!(f32, router_backward_f32);
+router_backward_kernels!(f64, router_backward_f64);
+
 route_weight_kernels!(f32, route_weights_f32, route_weights_backward_f32);
 route_weight_kernels!(f64, route_weights_f64, route_weights_backward_f64);
 
@@ -810,6 +873,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TILE_FULL", window_mask::TILE_FULL)?;
     m.add_function(wrap_pyfunction!(switch_balance_f32, m)?)?;
     m.add_function(wrap_pyfunction!(switch_balance_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(router_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(router_backward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_f32, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_f64, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_backward_f32, m)?)?;

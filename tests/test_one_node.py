@@ -1,6 +1,7 @@
 """The MoE layer's one-node path (``moerust.nn.fused``) gives the composed layer's values and
-gradients bit for bit, for every option it takes, on both backends; calls it cannot take fall
-back to the composed ops."""
+gradients for every option it takes, on both backends (bit for bit except the router's and
+``x``'s gradients, whose router part is one native call); calls it cannot take fall back to the
+composed ops."""
 
 from __future__ import annotations
 
@@ -72,10 +73,12 @@ def test_same_bits_as_the_composed_layer(backend: str, options: Dict[str, Any], 
         assert (path_a, path_b) == ("one-node", "composed")
         for i, (u, v) in enumerate(zip(a, b)):
             assert (u is None) == (v is None), i
-            if i == 6 and cfg.get("shared_experts"):
-                # x's gradient has three terms (router, routed and shared experts); autograd adds
-                # them in another order when the first two come from one node: rounding only.
-                torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7)
+            if i in (6, 7):
+                # x's and the router's gradients: the router's backward is one native call on
+                # the Rust backend (its own summation order); and with shared experts autograd
+                # adds x's three terms in another order. Rounding only.
+                tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-13)
+                torch.testing.assert_close(u, v, **tol)
                 continue
             assert u is None or torch.equal(u, v), f"tensor {i}: max diff {(u - v).abs().max()}"
         for name in extra_b["losses"]:
@@ -106,8 +109,11 @@ def test_random_shapes_same_bits(t: int, e: int, data: Any, topp: bool, seed: in
         with moerust.use_backend(name):
             a, extra_a, _ = _step(one, x, seed, False)
             b, extra_b, _ = _step(composed, x, seed, False)
-        for u, v in zip(a, b):
+        for i, (u, v) in enumerate(zip(a, b)):
             assert (u is None) == (v is None)
+            if i in (6, 7):  # x's and the router's gradients (see above)
+                torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+                continue
             assert u is None or torch.equal(u, v), name
         assert extra_a["stats"] == extra_b["stats"]
 
@@ -131,7 +137,8 @@ def test_eval_no_grad_and_frozen_parts(backend: str) -> None:
         m.router.weight.requires_grad_(True)
         m.zero_grad(set_to_none=True)
         m(x)[1].weighted.backward()
-    assert layer.experts.w1.grad is None and torch.equal(layer.router.weight.grad, composed.router.weight.grad)
+    assert layer.experts.w1.grad is None
+    torch.testing.assert_close(layer.router.weight.grad, composed.router.weight.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_retain_graph_twice_gives_the_same_gradients(backend: str) -> None:

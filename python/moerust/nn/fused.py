@@ -4,18 +4,19 @@ routed experts, as a single autograd node.
 Why: on a small layer (d = 64, a thousand tokens) at 16 threads, every autograd node and every
 Python op entry costs tens of microseconds, and the composed layer has three nodes around its
 kernels (the router's linear, the router op, the routed experts) plus their entries and checks.
-Here the same implementations run back to back (so the same values, bit for bit) behind one
-node. Its backward runs the routed experts' backward, then the router's (the routing weights'
-gradient comes out of the experts' backward; the balance loss's is added to it), then the
-linear's.
+Here the same implementations run back to back behind one node (the forward gives the composed
+layer's bits). Its backward runs the routed experts' backward, then the router's whole backward
+in one native call (:mod:`moerust.ops.router_backward`: the routing weights' gradient comes out
+of the experts' backward; the balance loss's is added to it; then the softmax, temperature and
+linear), which gives the composed layer's router and ``x`` gradients up to rounding.
 
 :meth:`moerust.nn.MoE.forward` takes this path for plain eager calls whose router selects in one
 op (:attr:`moerust.nn.Router.one_op`) and adds no training noise (see ``MoE._one_node``). The
 router's logits, probabilities and weights stay differentiable outputs, so the z, entropy,
 uniform and global-batch losses, and any use of them outside the layer, backpropagate as on the
 composed path. ``torch.compile``, hooks on the router and the other router modes compose the ops,
-which give the same values (``tests/test_one_node.py``: equal bits, except that with shared
-experts ``x``'s gradient adds its three terms in another order).
+which give the same values (``tests/test_one_node.py``: the same bits for the output, losses,
+statistics and expert gradients; the router and ``x`` gradients to rounding).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from ..ops import _eager
 from ..ops.dispatch import Plan
 from ..ops.routed_experts import _routed_experts_backward_op, _routed_experts_impl
+from ..ops.router_backward import router_backward
 from ..ops.router_softmax import _takes_kernel_op
-from ..ops.topk_router import _router_backward_op
 
 # (probs, idx, counts, weights, share, balance) of a routing, from its logits.
 Select = Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]
@@ -100,25 +101,12 @@ class RoutedLayer(torch.autograd.Function):
             dweights = grad_weights if dweights is None else dweights.add_(grad_weights)
         router_grads = (dweights, grad_balance, grad_probs, grad_logits)
         if (need_x or need_router) and any(g is not None for g in router_grads):
-            dlogits = None
-            if dweights is not None or grad_balance is not None or grad_probs is not None:
-                if dweights is None:
-                    dweights = torch.zeros_like(weights)
-                if grad_probs is not None:
-                    grad_probs = grad_probs.contiguous()
-                dlogits = _router_backward_op(
-                    grad_probs, dweights.contiguous(), grad_balance, probs, idx, share, ctx.renormalize, ctx.softmax_op
-                )  # fmt: skip
-            if grad_logits is not None:
-                dlogits = grad_logits if dlogits is None else dlogits + grad_logits
-            assert dlogits is not None
-            if ctx.temperature != 1.0:
-                dlogits = dlogits / ctx.temperature
-            if need_x:
-                # mm then add (not addmm): the composed layer's autograd sums the two the same way.
-                through_router = dlogits.mm(router_weight)
-                dx = through_router if dx is None else dx.add_(through_router)
-            if need_router:
-                drouter = dlogits.t().mm(x)
+            if dweights is None:
+                dweights = torch.zeros_like(weights)
+            dx_all, drouter = router_backward(
+                dweights, grad_probs, grad_logits, grad_balance, (x, router_weight, probs, idx, share),
+                ctx.renormalize, ctx.temperature, ctx.softmax_op, dx,
+            )  # fmt: skip
+            dx = dx_all if need_x else dx
         none = (None,) * 6
-        return (dx if need_x else None, drouter, dw1 if need_w1 else None, dw2 if need_w2 else None) + none
+        return (dx if need_x else None, drouter if need_router else None, dw1 if need_w1 else None, dw2 if need_w2 else None) + none

@@ -106,8 +106,14 @@ class Losses(Mapping):
     def evaluate(self, name: str, with_graph: bool) -> torch.Tensor:
         """Computes loss ``name`` now (with a graph for the backward if ``with_graph``)."""
         formula = self._formulas[name]  # KeyError for unknown names, as a dict
-        with torch.set_grad_enabled(with_graph):
-            self._values[name] = formula()
+        # A branch rather than set_grad_enabled(with_graph): under torch.compile a recompiled
+        # forward may see the loss weights, and so with_graph, as symbolic values.
+        if with_graph:
+            with torch.enable_grad():
+                self._values[name] = formula()
+        else:
+            with torch.no_grad():
+                self._values[name] = formula()
         return self._values[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -1,0 +1,309 @@
+//! The backward of a whole router in one call: from the gradients of its weights (and, when
+//! they were used elsewhere, of its probabilities and logits) and of its balance loss, through
+//! the routing weights, the softmax, the temperature and the linear layer `logits = x Wr^T / τ`,
+//! into `dx` (added to what is there) and `dWr`.
+//!
+//! Why: in the MoE layer's one-node path this runs right after the routed experts' backward.
+//! As torch ops plus the separate kernels it was about ten calls of a few microseconds of work
+//! each, every one paying Python and thread-team costs, with caches cold from the experts'
+//! backward; here it is one call.
+//!
+//! Per row: `dp = route_weights_backward(g_w) + g_p + c * share` (the balance loss's gradient,
+//! `c = g_loss * E / T`), `dl = (softmax_backward(dp) + g_l) / τ`; then `dx += dl Wr` and
+//! `dWr = dl^T x` (summed over row blocks in order, so the result does not depend on how the
+//! blocks were spread over threads).
+
+use crate::error::{check_len, KResult};
+use crate::expert_mlp::{matmul, MlpReal, Strides};
+use crate::isa::with_best_isa;
+use crate::omp_team::for_each_part;
+use crate::route_weights::route_weights_backward;
+use crate::softmax::softmax_backward_rows;
+use crate::threads::{rows_per_task, team_size};
+
+/// The incoming gradients of a router's outputs.
+pub struct RouterGrads<'a, T> {
+    /// `[T, K]` gradient of the routing weights.
+    pub weights: &'a [T],
+    /// `[T, E]` gradient of the probabilities, when they were used outside the router.
+    pub probs: Option<&'a [T]>,
+    /// `[T, E]` gradient of the logits (after temperature), when they were used outside.
+    pub logits: Option<&'a [T]>,
+    /// The balance loss's gradient and the experts' shares `[E]` of the forward, if any.
+    pub balance: Option<(T, &'a [T])>,
+}
+
+/// What the router's forward saw and produced.
+pub struct RouterSaved<'a, T> {
+    /// `[T, d]` router input.
+    pub x: &'a [T],
+    /// `[E, d]` router weight.
+    pub weight: &'a [T],
+    /// `[T, E]` probabilities.
+    pub probs: &'a [T],
+    /// `[T, K]` selected experts (-1 = empty slot).
+    pub idx: &'a [i64],
+    /// Whether the weights were renormalised.
+    pub renormalize: bool,
+    /// The softmax temperature τ.
+    pub temperature: T,
+}
+
+/// Adds the router's gradient of `x` to `dx [T, d]` and writes `dweight [E, d]` (module docs).
+#[allow(clippy::too_many_arguments)]
+pub fn router_backward<T: MlpReal>(
+    s: &RouterSaved<'_, T>,
+    t: usize,
+    e: usize,
+    k: usize,
+    d: usize,
+    g: &RouterGrads<'_, T>,
+    dx: &mut [T],
+    dweight: &mut [T],
+) -> KResult<()> {
+    check_len("x", s.x.len(), t * d)?;
+    check_len("router_weight", s.weight.len(), e * d)?;
+    check_len("dx", dx.len(), t * d)?;
+    check_len("dweight", dweight.len(), e * d)?;
+    for (name, grad) in [("grad_probs", g.probs), ("grad_logits", g.logits)] {
+        if let Some(v) = grad {
+            check_len(name, v.len(), t * e)?;
+        }
+    }
+    if let Some((_, share)) = g.balance {
+        check_len("share", share.len(), e)?;
+    }
+    // dp: the routing weights' backward (checks probs, idx and their sizes), then the rest.
+    let mut dp = vec![T::ZERO; t * e];
+    route_weights_backward(g.weights, s.probs, t, e, s.idx, k, s.renormalize, &mut dp)?;
+    let coef = g
+        .balance
+        .map(|(c, share)| (c * T::from_f64(e as f64 / t.max(1) as f64), share));
+    if g.probs.is_some() || coef.is_some() {
+        for (r, row) in dp.chunks_exact_mut(e.max(1)).enumerate() {
+            if let Some(gp) = g.probs {
+                for (v, &u) in row.iter_mut().zip(&gp[r * e..(r + 1) * e]) {
+                    *v += u;
+                }
+            }
+            if let Some((c, share)) = coef {
+                for (v, &f) in row.iter_mut().zip(share) {
+                    *v += c * f;
+                }
+            }
+        }
+    }
+    let mut dl = vec![T::ZERO; t * e];
+    softmax_backward_rows(&dp, s.probs, t, e, &mut dl)?;
+    let inv_t = T::ONE / s.temperature;
+    if g.logits.is_some() || s.temperature != T::ONE {
+        for (i, v) in dl.iter_mut().enumerate() {
+            let extra = g.logits.map_or(T::ZERO, |gl| gl[i]);
+            *v = (*v + extra) * inv_t;
+        }
+    }
+    linear_backward(&dl, s.x, s.weight, t, e, d, dx, dweight);
+    Ok(())
+}
+
+/// `dx += dl Wr` and `dweight = dl^T x` for `dl [T, E]`, over row blocks of the team.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward<T: MlpReal>(
+    dl: &[T],
+    x: &[T],
+    weight: &[T],
+    t: usize,
+    e: usize,
+    d: usize,
+    dx: &mut [T],
+    dweight: &mut [T],
+) {
+    dweight.fill(T::ZERO);
+    if t == 0 || e == 0 || d == 0 {
+        return;
+    }
+    let rows = rows_per_task(t, 4 * e * d, 1 << 15);
+    let blocks = t.div_ceil(rows);
+    // Per block: its rows' part of dweight, summed below in block order.
+    let mut partial = vec![T::ZERO; blocks * e * d];
+    let parts: Vec<_> = dx
+        .chunks_mut(rows * d)
+        .zip(partial.chunks_mut(e * d))
+        .zip(dl.chunks(rows * e).zip(x.chunks(rows * d)))
+        .collect();
+    for_each_part(team_size(), parts, |_, ((dx, part), (dl, x))| {
+        // dx rows += dl row · Wr: E scaled rows of Wr added in place (no temporary: a product
+        // buffer of this size would be a fresh allocation, and its page faults, every call).
+        with_best_isa(
+            #[inline(always)]
+            || {
+                for (dx, dl) in dx.chunks_exact_mut(d).zip(dl.chunks_exact(e)) {
+                    for (&c, w) in dl.iter().zip(weight.chunks_exact(d)) {
+                        for (v, &u) in dx.iter_mut().zip(w) {
+                            *v += c * u;
+                        }
+                    }
+                }
+            },
+        );
+        let m = dl.len() / e;
+        matmul(
+            e,
+            d,
+            m,
+            part,
+            d,
+            dl,
+            Strides::transposed(e),
+            x,
+            Strides::row_major(d),
+        );
+    });
+    for part in partial.chunks_exact(e * d) {
+        for (v, &u) in dweight.iter_mut().zip(part) {
+            *v += u;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route_weights::route_weights;
+
+    fn values(n: usize, seed: u32) -> Vec<f64> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f64 / 500.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Loss = sum(gw * w) + sum(gp * p) + sum(gl * l) + gb * balance, by finite differences on
+    /// x and Wr (f64), against the analytic kernel.
+    #[test]
+    fn matches_finite_differences() {
+        let (t, e, k, d) = (5usize, 4usize, 2usize, 3usize);
+        let x = values(t * d, 1);
+        let w = values(e * d, 2);
+        let (gw, gp, gl) = (values(t * k, 3), values(t * e, 4), values(t * e, 5));
+        let (gb, temp) = (0.7, 0.5);
+        let idx: Vec<i64> = vec![0, 2, 1, -1, 3, 0, 2, 2, 1, 3];
+        let forward = |x: &[f64], w: &[f64]| -> f64 {
+            let mut loss = 0.0;
+            let mut probs = vec![0.0; t * e];
+            for r in 0..t {
+                let logits: Vec<f64> = (0..e)
+                    .map(|j| (0..d).map(|c| x[r * d + c] * w[j * d + c]).sum::<f64>() / temp)
+                    .collect();
+                let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+                for j in 0..e {
+                    probs[r * e + j] = (logits[j] - m).exp() / z;
+                    loss += gp[r * e + j] * probs[r * e + j] + gl[r * e + j] * logits[j];
+                }
+            }
+            let mut wts = vec![0.0; t * k];
+            route_weights(&probs, t, e, &idx, k, true, &mut wts).unwrap();
+            loss += wts.iter().zip(&gw).map(|(a, b)| a * b).sum::<f64>();
+            // balance with the (fixed) slot shares
+            let mut counts = vec![0.0; e];
+            idx.iter()
+                .filter(|&&i| i >= 0)
+                .for_each(|&i| counts[i as usize] += 1.0);
+            let total: f64 = counts.iter().sum();
+            for j in 0..e {
+                let p_mean: f64 = (0..t).map(|r| probs[r * e + j]).sum::<f64>() / t as f64;
+                loss += gb * e as f64 * counts[j] / total * p_mean;
+            }
+            loss
+        };
+        // the forward's probabilities and shares
+        let mut probs = vec![0.0; t * e];
+        for r in 0..t {
+            let l: Vec<f64> = (0..e)
+                .map(|j| (0..d).map(|c| x[r * d + c] * w[j * d + c]).sum::<f64>() / temp)
+                .collect();
+            let m = l.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = l.iter().map(|v| (v - m).exp()).sum();
+            for j in 0..e {
+                probs[r * e + j] = (l[j] - m).exp() / z;
+            }
+        }
+        let share = [2.0 / 9.0, 2.0 / 9.0, 3.0 / 9.0, 2.0 / 9.0];
+        let saved = RouterSaved {
+            x: &x,
+            weight: &w,
+            probs: &probs,
+            idx: &idx,
+            renormalize: true,
+            temperature: temp,
+        };
+        let grads = RouterGrads {
+            weights: &gw,
+            probs: Some(&gp),
+            logits: Some(&gl),
+            balance: Some((gb, &share[..])),
+        };
+        let mut dx = vec![1.0; t * d]; // accumulated into
+        let mut dw = vec![9.0; e * d]; // overwritten
+        router_backward(&saved, t, e, k, d, &grads, &mut dx, &mut dw).unwrap();
+        let h = 1e-6;
+        for i in 0..t * d {
+            let (mut a, mut b) = (x.clone(), x.clone());
+            a[i] += h;
+            b[i] -= h;
+            let num = (forward(&a, &w) - forward(&b, &w)) / (2.0 * h);
+            assert!(
+                (dx[i] - 1.0 - num).abs() < 1e-6,
+                "dx[{i}]: {} vs {num}",
+                dx[i] - 1.0
+            );
+        }
+        for i in 0..e * d {
+            let (mut a, mut b) = (w.clone(), w.clone());
+            a[i] += h;
+            b[i] -= h;
+            let num = (forward(&x, &a) - forward(&x, &b)) / (2.0 * h);
+            assert!((dw[i] - num).abs() < 1e-6, "dw[{i}]: {} vs {num}", dw[i]);
+        }
+    }
+
+    #[test]
+    fn empty_and_bad_inputs() {
+        let saved = RouterSaved::<f32> {
+            x: &[],
+            weight: &[0.0; 6],
+            probs: &[],
+            idx: &[],
+            renormalize: true,
+            temperature: 1.0,
+        };
+        let grads = RouterGrads {
+            weights: &[],
+            probs: None,
+            logits: None,
+            balance: None,
+        };
+        let mut dw = [5.0f32; 6];
+        router_backward(&saved, 0, 2, 1, 3, &grads, &mut [], &mut dw).unwrap();
+        assert_eq!(dw, [0.0; 6]);
+        let saved = RouterSaved::<f32> {
+            x: &[0.0; 3],
+            weight: &[0.0; 6],
+            probs: &[0.5, 0.5],
+            idx: &[2],
+            renormalize: true,
+            temperature: 1.0,
+        };
+        let grads = RouterGrads {
+            weights: &[1.0],
+            probs: None,
+            logits: None,
+            balance: None,
+        };
+        assert!(router_backward(&saved, 1, 2, 1, 3, &grads, &mut [0.0; 3], &mut dw).is_err()); // expert 2 of 2
+        assert!(router_backward(&saved, 1, 2, 1, 3, &grads, &mut [0.0; 2], &mut dw).is_err());
+        // dx size
+    }
+}
