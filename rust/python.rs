@@ -14,6 +14,7 @@ use pyo3::types::PyList;
 
 use crate::balance;
 use crate::dispatch;
+use crate::error::KResult;
 use crate::error::KernelError;
 use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
@@ -425,9 +426,13 @@ macro_rules! routed_expert_kernels {
 
         /// Backward of the routed experts from `grad [T, d]` into `dx [T, d]`, `dweights [T, K]`,
         /// `dw1` and `dw2`. `grad_ys` (`[R, d]` scratch) may be None: the gradient of the expert
-        /// outputs then overwrites `ys`. `grad_xs` (`[R, d]`) is scratch.
+        /// outputs then overwrites `ys`. `grad_xs` (`[R, d]`) is scratch. `router`: see below.
         #[pyfunction]
-        #[allow(clippy::too_many_arguments)]
+        #[pyo3(signature = (
+            grad, saved, ys, grad_ys, weights, plan, w1, w2, activation, grad_xs, outputs, threads,
+            router=None
+        ))]
+        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $bwd<'py>(
             py: Python<'py>,
             grad: PyReadonlyArray2<'py, $t>,
@@ -447,6 +452,7 @@ macro_rules! routed_expert_kernels {
                 PyReadwriteArray3<'py, $t>,
             ),
             threads: usize,
+            router: Option<(Option<PyReadonlyArray2<'py, $t>>, RouterArgs<'py, $t>)>,
         ) -> PyResult<()> {
             let (xs, h) = saved;
             let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
@@ -475,10 +481,41 @@ macro_rules! routed_expert_kernels {
                 slice_mut!(dw1, "dw1"),
                 slice_mut!(dw2, "dw2"),
             );
-            Ok(run_team(py, threads, 2 * mlp_work(&s), || {
-                routed_experts::routed_experts_backward(
-                    &s, g, t, saved, target, wv, view, a, b, gxs, dxv, dwv, da, db,
-                )
+            // With `router` (the one-node layer: `(extra gradient of the weights, RouterArgs)`),
+            // the router's whole backward follows in the same call, from the routing weights'
+            // gradient just computed: no Python runs between the two.
+            let mut router = router;
+            let router = match router.as_mut() {
+                Some((extra, args)) => {
+                    let extra = match extra {
+                        Some(a) => Some(slice!(a, "grad_weights")),
+                        None => None,
+                    };
+                    Some((extra, router_views(args)?))
+                }
+                None => None,
+            };
+            let experts_work = 2 * mlp_work(&s);
+            Ok(py.detach(|| -> KResult<()> {
+                with_team(threads, experts_work, || {
+                    routed_experts::routed_experts_backward(
+                        &s, g, t, saved, target, wv, view, a, b, gxs, dxv, dwv, da, db,
+                    )
+                })?;
+                if let Some((extra, (rs, mut rg, dims, dweight))) = router {
+                    if let Some(extra) = extra {
+                        crate::error::check_len("grad_weights", extra.len(), dwv.len())?;
+                        for (v, &u) in dwv.iter_mut().zip(extra) {
+                            *v += u;
+                        }
+                    }
+                    rg.weights = dwv;
+                    let [t, e, k, d] = dims;
+                    with_team(threads, router_work(dims), || {
+                        router_backward::router_backward(&rs, t, e, k, d, &rg, dxv, dweight)
+                    })?;
+                }
+                Ok(())
             })?)
         }
     };
@@ -612,59 +649,89 @@ macro_rules! balance_kernels {
 balance_kernels!(f32, switch_balance_f32);
 balance_kernels!(f64, switch_balance_f64);
 
+/// A router's backward arguments as Python passes them (`ops/router_backward.py`): the
+/// gradients of its probabilities and logits (when used elsewhere), of its balance loss with the
+/// experts' shares, the saved `(x, router_weight, probs, idx)`, `renormalize`, the temperature,
+/// and `dweight [E, d]` to write.
+type RouterArgs<'py, T> = (
+    Option<PyReadonlyArray2<'py, T>>,
+    Option<PyReadonlyArray2<'py, T>>,
+    Option<(T, PyReadonlyArray1<'py, T>)>,
+    (
+        PyReadonlyArray2<'py, T>,
+        PyReadonlyArray2<'py, T>,
+        PyReadonlyArray2<'py, T>,
+        PyReadonlyArray2<'py, i64>,
+    ),
+    bool,
+    T,
+    PyReadwriteArray2<'py, T>,
+);
+
+/// Borrows `RouterArgs` as the kernel's views: `(saved, grads without the weights' gradient,
+/// [T, E, K, d], dweight)`.
+#[allow(clippy::type_complexity)]
+fn router_views<'a, T: Element + Copy>(
+    args: &'a mut RouterArgs<'_, T>,
+) -> PyResult<(
+    RouterSaved<'a, T>,
+    RouterGrads<'a, T>,
+    [usize; 4],
+    &'a mut [T],
+)> {
+    let (grad_probs, grad_logits, balance, saved, renormalize, temperature, dweight) = args;
+    let (x, weight, probs, idx) = &*saved;
+    let dims = [x.shape()[0], probs.shape()[1], idx.shape()[1], x.shape()[1]];
+    let s = RouterSaved {
+        x: slice!(x, "x"),
+        weight: slice!(weight, "router_weight"),
+        probs: slice!(probs, "probs"),
+        idx: slice!(idx, "idx"),
+        renormalize: *renormalize,
+        temperature: *temperature,
+    };
+    let g = RouterGrads {
+        weights: &[],
+        probs: match &*grad_probs {
+            Some(a) => Some(slice!(a, "grad_probs")),
+            None => None,
+        },
+        logits: match &*grad_logits {
+            Some(a) => Some(slice!(a, "grad_logits")),
+            None => None,
+        },
+        balance: match &*balance {
+            Some((c, share)) => Some((*c, slice!(share, "share"))),
+            None => None,
+        },
+    };
+    Ok((s, g, dims, slice_mut!(dweight, "dweight")))
+}
+
+/// A router's backward team: sized by its row loops' work (per row the products are small, and a
+/// larger team only added fork/join time: 82 us at 16 threads for T = 1024, E = 8, d = 64).
+fn router_work(dims: [usize; 4]) -> usize {
+    let [t, e, k, d] = dims;
+    t * e * (d + k)
+}
+
 macro_rules! router_backward_kernels {
     ($t:ty, $name:ident) => {
         /// A router's whole backward: adds its gradient of `x` to `dx [T, d]` and writes
-        /// `dweight [E, d]` from the gradients of its weights, probabilities, logits and balance
-        /// loss (`balance = (grad, share [E])`).
+        /// `dweight [E, d]` from the gradient of its weights and `router` (`RouterArgs`).
         #[pyfunction]
-        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $name<'py>(
             py: Python<'py>,
             grad_weights: PyReadonlyArray2<'py, $t>,
-            grad_probs: Option<PyReadonlyArray2<'py, $t>>,
-            grad_logits: Option<PyReadonlyArray2<'py, $t>>,
-            balance: Option<($t, PyReadonlyArray1<'py, $t>)>,
-            saved: (
-                PyReadonlyArray2<'py, $t>,
-                PyReadonlyArray2<'py, $t>,
-                PyReadonlyArray2<'py, $t>,
-                PyReadonlyArray2<'py, i64>,
-            ),
-            renormalize: bool,
-            temperature: $t,
+            mut router: RouterArgs<'py, $t>,
             mut dx: PyReadwriteArray2<'py, $t>,
-            mut dweight: PyReadwriteArray2<'py, $t>,
             threads: usize,
         ) -> PyResult<()> {
-            let (x, weight, probs, idx) = &saved;
-            let (t, d) = (x.shape()[0], x.shape()[1]);
-            let (e, k) = (probs.shape()[1], idx.shape()[1]);
-            let s = RouterSaved {
-                x: slice!(x, "x"),
-                weight: slice!(weight, "router_weight"),
-                probs: slice!(probs, "probs"),
-                idx: slice!(idx, "idx"),
-                renormalize,
-                temperature,
-            };
-            let g = RouterGrads {
-                weights: slice!(grad_weights, "grad_weights"),
-                probs: match &grad_probs {
-                    Some(a) => Some(slice!(a, "grad_probs")),
-                    None => None,
-                },
-                logits: match &grad_logits {
-                    Some(a) => Some(slice!(a, "grad_logits")),
-                    None => None,
-                },
-                balance: match &balance {
-                    Some((c, share)) => Some((*c, slice!(share, "share"))),
-                    None => None,
-                },
-            };
-            let (dxv, dwv) = (slice_mut!(dx, "dx"), slice_mut!(dweight, "dweight"));
-            Ok(run_team(py, threads, t * e * (4 * d + k), || {
+            let (s, mut g, dims, dwv) = router_views(&mut router)?;
+            g.weights = slice!(grad_weights, "grad_weights");
+            let dxv = slice_mut!(dx, "dx");
+            let [t, e, k, d] = dims;
+            Ok(run_team(py, threads, router_work(dims), || {
                 router_backward::router_backward(&s, t, e, k, d, &g, dxv, dwv)
             })?)
         }

@@ -122,7 +122,8 @@ fn linear_backward<T: MlpReal>(
     if t == 0 || e == 0 || d == 0 {
         return;
     }
-    let rows = rows_per_task(t, 4 * e * d, 1 << 15);
+    // Blocks of at least ~256K multiply-adds: each costs a GEMM call and an [E, d] partial.
+    let rows = rows_per_task(t, 4 * e * d, 1 << 18);
     let blocks = t.div_ceil(rows);
     // Per block: its rows' part of dweight, summed below in block order.
     let mut partial = vec![T::ZERO; blocks * e * d];

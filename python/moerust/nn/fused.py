@@ -26,10 +26,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import _backend
+from .._backend import numpy_view as _np
 from ..ops import _eager
 from ..ops.dispatch import Plan
-from ..ops.routed_experts import _routed_experts_backward_op, _routed_experts_impl
-from ..ops.router_backward import router_backward
+from ..ops.routed_experts import _routed_experts_backward_op, _routed_experts_impl, native_backward
+from ..ops.router_backward import native_args, router_backward
 from ..ops.router_softmax import _takes_kernel_op
 
 # (probs, idx, counts, weights, share, balance) of a routing, from its logits.
@@ -91,9 +93,24 @@ class RoutedLayer(torch.autograd.Function):
         plan = saved[11:]
         need_x, need_router, need_w1, need_w2 = ctx.needs_input_grad[:4]
         dx = dweights = dw1 = dw2 = drouter = None
+        router_saved = (x, router_weight, probs, idx, share)
         if grad_y is not None:
             grad_y = grad_y.contiguous()
             overwrite = _eager.saved_tensors_die(ctx, grad_y, *saved)
+            extra = [g.contiguous() for g in (grad_weights, grad_probs, grad_logits) if g is not None]
+            if (need_x or need_router) and _backend.rust_handles(grad_y, *saved, *extra):
+                # Experts and router backward in one native call (the router's arguments are
+                # prepared now, while Python's state is still in cache).
+                args, drouter = native_args(
+                    None if grad_probs is None else grad_probs.contiguous(),
+                    None if grad_logits is None else grad_logits.contiguous(),
+                    grad_balance, router_saved, ctx.renormalize, ctx.temperature,
+                )  # fmt: skip
+                extra_w = None if grad_weights is None else _np(grad_weights.contiguous())
+                dx, _, dw1, dw2 = native_backward(
+                    grad_y, xs, h, ys, weights, w1, w2, plan, ctx.activation, overwrite, (extra_w, args)
+                )  # fmt: skip
+                return (dx if need_x else None, drouter if need_router else None, dw1 if need_w1 else None, dw2 if need_w2 else None) + (None,) * 6
             dx, dweights, dw1, dw2 = _routed_experts_backward_op(
                 grad_y, xs, h, ys, weights, w1, w2, *plan, ctx.activation, overwrite
             )  # fmt: skip
@@ -104,7 +121,7 @@ class RoutedLayer(torch.autograd.Function):
             if dweights is None:
                 dweights = torch.zeros_like(weights)
             dx_all, drouter = router_backward(
-                dweights, grad_probs, grad_logits, grad_balance, (x, router_weight, probs, idx, share),
+                dweights, grad_probs, grad_logits, grad_balance, router_saved,
                 ctx.renormalize, ctx.temperature, ctx.softmax_op, dx,
             )  # fmt: skip
             dx = dx_all if need_x else dx

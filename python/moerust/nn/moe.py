@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import _checks, _eager
+from ..ops.dispatch import _dispatch_plan_impl
 from ..ops.experts import activate, hidden_rows
 from .losses import GlobalBatchBalance, entropy_loss, expert_counts, switch_loss, uniform_mse_loss, z_loss
 from .fused import RoutedLayer
@@ -256,16 +257,22 @@ class MoE(nn.Module):
             y = y + self.shared(x2)
         return y.reshape(shape), MoEAux(losses, weighted, stats, r)
 
-    def _plan(self, idx: torch.Tensor, counts: torch.Tensor) -> ops.Plan:
+    def _plan(self, idx: torch.Tensor, counts: torch.Tensor, checked: bool = True) -> ops.Plan:
         """The dispatch plan of a routing (``counts``: experts per token), with this layer's
-        capacity."""
+        capacity; ``checked=False`` skips the public op's argument checks (for ``idx`` straight
+        from a router kernel, in eager mode)."""
         c = self.config
         capacity = None
         if c.capacity_factor is not None:
             # Top-k routes exactly k slots per token; only top-p needs the count summed.
             routed = int(counts.sum()) if self.router.routing == "topp" else idx.shape[0] * c.k
             capacity = self.capacity(routed)
+        if not checked:
+            return _dispatch_plan_impl(idx, c.num_experts, capacity)
         return ops.dispatch_plan(idx, c.num_experts, capacity)
+
+    def _unchecked_plan(self, idx: torch.Tensor, counts: torch.Tensor) -> ops.Plan:
+        return self._plan(idx, counts, checked=False)
 
     def _one_node(self, x2: torch.Tensor) -> bool:
         """Whether this call can take the one-node path (:mod:`moerust.nn.fused`): a plain eager
@@ -282,7 +289,7 @@ class MoE(nn.Module):
         r = self.router
         out: Dict[str, object] = {}
         y, balance, logits, probs, weights = RoutedLayer.apply(
-            x2, r.weight, self.experts.w1, self.experts.w2, r.temperature, r.renormalize, r.select, self._plan,
+            x2, r.weight, self.experts.w1, self.experts.w2, r.temperature, r.renormalize, r.select, self._unchecked_plan,
             self.experts.activation, out,
         )  # fmt: skip
         idx, counts, share = out["selection"]  # type: ignore[misc]

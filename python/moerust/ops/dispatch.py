@@ -75,6 +75,12 @@ def dispatch_plan(idx: torch.Tensor, num_experts: int, capacity: Optional[int] =
     num_experts = _checks.integer(num_experts, "num_experts", lo=1)
     if capacity is not None:
         capacity = _checks.integer(capacity, "capacity", lo=0)
+    return _dispatch_plan_impl(idx, num_experts, capacity)
+
+
+def _dispatch_plan_impl(idx: torch.Tensor, num_experts: int, capacity: Optional[int]) -> Plan:
+    """:func:`dispatch_plan` without the argument checks, for callers whose ``idx`` comes from a
+    router kernel (the Rust kernel still rejects experts outside [-1, E))."""
     if _backend.rust_handles(idx):
         arr = idx.to(torch.int64).contiguous().numpy()
         counts, offsets, row_token, row_slot, slot_row, dropped = _backend.native().dispatch_plan(

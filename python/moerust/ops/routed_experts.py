@@ -95,24 +95,44 @@ def _routed_experts_backward_op(
     calls only, when the saved ``ys`` are dead after this) the Rust kernel writes the gradient of
     the expert outputs over ``ys`` instead of into a fresh ``[R, d]`` buffer."""
     if _backend.rust_handles(grad, xs, h, ys, weights, w1, w2, row_token, slot_row):
-        rows, d = xs.shape
-        grad_ys = None if overwrite_ys else _backend.empty(rows, d, dtype=xs.dtype).numpy()
-        outputs = (
-            _backend.empty(*grad.shape, dtype=grad.dtype),
-            _backend.empty(*weights.shape, dtype=weights.dtype),
-            _backend.empty(*w1.shape, dtype=w1.dtype),
-            _backend.empty(*w2.shape, dtype=w2.dtype),
-        )
-        _backend.native_fn("routed_experts_backward", xs.dtype)(
-            _np(grad), (_np(xs), _np(h)), _np(ys), grad_ys, _np(weights),
-            (_np(row_token), _np(row_slot), _np(slot_row), _np(offsets)), _np(w1), _np(w2), activation,
-            _backend.empty(rows, d, dtype=xs.dtype).numpy(), tuple(o.numpy() for o in outputs), _backend.num_threads(),
-        )  # fmt: skip
-        return outputs
+        return native_backward(grad, xs, h, ys, weights, w1, w2, (row_token, row_slot, slot_row, offsets), activation, overwrite_ys)
     # The backward kernels themselves (.fn: this already is a backward op).
     grad_ys, dweights = _combine_backward_op.fn(grad, ys, weights, slot_row, row_token, row_slot)
     dxs, dw1, dw2 = _expert_mlp_backward_op.fn(grad_ys, xs, h, w1, w2, offsets, activation)
     return _gather_backward_op.fn(dxs, slot_row), dweights, dw1, dw2
+
+
+def native_backward(
+    grad: torch.Tensor,
+    xs: torch.Tensor,
+    h: torch.Tensor,
+    ys: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    plan: Tensors4,
+    activation: str,
+    overwrite_ys: bool,
+    router: Optional[Tuple[Any, ...]] = None,
+) -> Tensors4:
+    """The Rust backward of :func:`_routed_experts_backward_op` (CPU tensors it handles);
+    ``router`` (the MoE layer's one-node path: ``(extra weights gradient, router arguments)``,
+    see :mod:`moerust.ops.router_backward`) runs the router's backward in the same call, and
+    ``dx`` then includes the router's part."""
+    rows, d = xs.shape
+    grad_ys = None if overwrite_ys else _backend.empty(rows, d, dtype=xs.dtype).numpy()
+    outputs = (
+        _backend.empty(*grad.shape, dtype=grad.dtype),
+        _backend.empty(*weights.shape, dtype=weights.dtype),
+        _backend.empty(*w1.shape, dtype=w1.dtype),
+        _backend.empty(*w2.shape, dtype=w2.dtype),
+    )
+    _backend.native_fn("routed_experts_backward", xs.dtype)(
+        _np(grad), (_np(xs), _np(h)), _np(ys), grad_ys, _np(weights), tuple(_np(p) for p in plan),
+        _np(w1), _np(w2), activation, _backend.empty(rows, d, dtype=xs.dtype).numpy(),
+        tuple(o.numpy() for o in outputs), _backend.num_threads(), router,
+    )  # fmt: skip
+    return outputs
 
 
 @_routed_experts_backward_op.register_fake

@@ -11,13 +11,34 @@ the same computation as the composed router's ops (same values up to rounding).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
 from .. import _backend
 from .._backend import numpy_view as _np
 from .topk_router import _router_backward_op
+
+
+def native_args(
+    grad_probs: Optional[torch.Tensor],
+    grad_logits: Optional[torch.Tensor],
+    grad_balance: Optional[torch.Tensor],
+    saved: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    renormalize: bool,
+    temperature: float,
+) -> Tuple[Tuple[Any, ...], torch.Tensor]:
+    """The Rust kernel's router arguments (``RouterArgs`` in ``rust/python.rs``) and the
+    ``[E, d]`` tensor it writes the router weight's gradient into (contiguous CPU tensors)."""
+    x, weight, probs, idx, share = saved
+    dweight = torch.empty(weight.shape, dtype=weight.dtype)
+    balance = None if grad_balance is None else (float(grad_balance), _np(share))
+    args = (
+        None if grad_probs is None else _np(grad_probs),
+        None if grad_logits is None else _np(grad_logits),
+        balance, (_np(x), _np(weight), _np(probs), _np(idx)), renormalize, float(temperature), dweight.numpy(),
+    )  # fmt: skip
+    return args, dweight
 
 
 def router_backward(
@@ -40,13 +61,8 @@ def router_backward(
     if _backend.rust_handles(*tensors):
         if dx is None:
             dx = torch.zeros(x.shape, dtype=x.dtype)
-        dweight = torch.empty(weight.shape, dtype=weight.dtype)
-        balance = None if grad_balance is None else (float(grad_balance), _np(share))
-        _backend.native_fn("router_backward", x.dtype)(
-            _np(grads[0]), None if grads[1] is None else _np(grads[1]), None if grads[2] is None else _np(grads[2]),
-            balance, (_np(x), _np(weight), _np(probs), _np(idx)), renormalize, float(temperature),
-            dx.numpy(), dweight.numpy(), _backend.num_threads(),
-        )  # fmt: skip
+        args, dweight = native_args(grads[1], grads[2], grad_balance, saved, renormalize, temperature)
+        _backend.native_fn("router_backward", x.dtype)(_np(grads[0]), args, dx.numpy(), _backend.num_threads())
         return dx, dweight
     dlogits = _router_backward_op(grads[1], grads[0], grad_balance, probs, idx, share, renormalize, softmax_op)
     if grads[2] is not None:
