@@ -16,6 +16,7 @@ pub mod real;
 pub mod route_weights;
 pub mod routed_experts;
 pub mod router_backward;
+pub mod router_forward;
 pub mod routing;
 pub mod softmax;
 pub mod stream;

@@ -22,6 +22,7 @@ use crate::pool;
 use crate::route_weights;
 use crate::routed_experts::{self, GradYs, PlanView};
 use crate::router_backward::{self, RouterGrads, RouterSaved};
+use crate::router_forward::{self, RouterOutputs, Selection};
 use crate::routing;
 use crate::softmax;
 use crate::threads::with_team;
@@ -741,6 +742,82 @@ macro_rules! router_backward_kernels {
 router_backward_kernels!(f32, router_backward_f32);
 router_backward_kernels!(f64, router_backward_f64);
 
+macro_rules! router_forward_kernels {
+    ($t:ty, $name:ident) => {
+        /// A router's whole forward from `x [T, d]` and `weight [E, d]` into `outputs = (logits,
+        /// probs, idx, weights, share)`; top-k with `k`, or top-p with `topp = (p, min_k, max_k,
+        /// counts [T])`. Returns the balance loss.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+        fn $name<'py>(
+            py: Python<'py>,
+            x: PyReadonlyArray2<'py, $t>,
+            weight: PyReadonlyArray2<'py, $t>,
+            temperature: $t,
+            renormalize: bool,
+            k: usize,
+            topp: Option<(
+                PyReadonlyArray1<'py, f32>,
+                usize,
+                usize,
+                PyReadwriteArray1<'py, i64>,
+            )>,
+            outputs: (
+                PyReadwriteArray2<'py, $t>,
+                PyReadwriteArray2<'py, $t>,
+                PyReadwriteArray2<'py, i64>,
+                PyReadwriteArray2<'py, $t>,
+                PyReadwriteArray1<'py, $t>,
+            ),
+            threads: usize,
+        ) -> PyResult<f64> {
+            let (t, d, e) = (x.shape()[0], x.shape()[1], weight.shape()[0]);
+            if weight.shape()[1] != d {
+                return Err(PyValueError::new_err(format!(
+                    "router_weight must have {d} columns (x's features), got shape {:?}",
+                    weight.shape()
+                )));
+            }
+            let (xv, wv) = (slice!(x, "x"), slice!(weight, "router_weight"));
+            let (mut logits, mut probs, mut idx, mut weights, mut share) = outputs;
+            let out = RouterOutputs {
+                logits: slice_mut!(logits, "logits"),
+                probs: slice_mut!(probs, "probs"),
+                idx: slice_mut!(idx, "idx"),
+                weights: slice_mut!(weights, "weights"),
+                share: slice_mut!(share, "share"),
+            };
+            let mut topp = topp;
+            let selection = match topp.as_mut() {
+                Some((p, min_k, max_k, counts)) => Selection::TopP {
+                    p: slice!(p, "p"),
+                    min_k: *min_k,
+                    max_k: *max_k,
+                    counts: slice_mut!(counts, "counts"),
+                },
+                None => Selection::TopK(k),
+            };
+            Ok(py.detach(|| {
+                router_forward::router_forward(
+                    xv,
+                    t,
+                    d,
+                    wv,
+                    e,
+                    temperature,
+                    renormalize,
+                    selection,
+                    out,
+                    threads,
+                )
+            })?)
+        }
+    };
+}
+
+router_forward_kernels!(f32, router_forward_f32);
+router_forward_kernels!(f64, router_forward_f64);
+
 route_weight_kernels!(f32, route_weights_f32, route_weights_backward_f32);
 route_weight_kernels!(f64, route_weights_f64, route_weights_backward_f64);
 
@@ -942,6 +1019,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(switch_balance_f64, m)?)?;
     m.add_function(wrap_pyfunction!(router_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(router_backward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(router_forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(router_forward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_f32, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_f64, m)?)?;
     m.add_function(wrap_pyfunction!(route_weights_backward_f32, m)?)?;

@@ -1,7 +1,6 @@
-"""The MoE layer's one-node path (``moerust.nn.fused``) gives the composed layer's values and
-gradients for every option it takes, on both backends (bit for bit except the router's and
-``x``'s gradients, whose router part is one native call); calls it cannot take fall back to the
-composed ops."""
+"""The MoE layer's one-node path (``moerust.nn.fused``) routes as the composed layer does and
+gives its values and gradients up to rounding, for every option it takes, on both backends;
+calls it cannot take fall back to the composed ops."""
 
 from __future__ import annotations
 
@@ -10,13 +9,14 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import moerust
 from moerust.nn import MoE, MoEConfig
 
 from .conftest import BACKENDS
+from .test_router_forward import near_tie_flip
 
 
 def _path(aux: Any) -> str:
@@ -42,6 +42,25 @@ def _step(layer: MoE, x: torch.Tensor, seed: int, use_outside: bool) -> Tuple[Li
     return values + grads, {"losses": losses, "stats": aux.stats.as_dict()}, _path(aux)
 
 
+def _tol(dtype: torch.dtype) -> Dict[str, float]:
+    # The router's forward and backward are one native call each on the Rust backend (their own
+    # summation order), and with shared experts autograd adds x's three gradient terms in another
+    # order: rounding only.
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-13)
+
+
+def _assert_same(a: List[Any], b: List[Any], dtype: torch.dtype) -> None:
+    """Same routing (indices, counts: equal) and the same values and gradients up to rounding."""
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert (u is None) == (v is None), i
+        if u is None:
+            continue
+        if u.is_floating_point():
+            torch.testing.assert_close(u, v, **_tol(dtype), msg=lambda m: f"tensor {i}: {m}")
+        else:
+            assert torch.equal(u, v), f"tensor {i}"
+
+
 OPTIONS = [
     dict(),
     dict(k=3, renormalize=False, activation="gelu"),
@@ -59,7 +78,7 @@ OPTIONS = [
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("use_outside", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_same_bits_as_the_composed_layer(backend: str, options: Dict[str, Any], use_outside: bool, dtype: torch.dtype) -> None:
+def test_same_values_as_the_composed_layer(backend: str, options: Dict[str, Any], use_outside: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     cfg = dict(dim=8, hidden=6, num_experts=4, k=2)
     cfg.update(options)
@@ -71,18 +90,9 @@ def test_same_bits_as_the_composed_layer(backend: str, options: Dict[str, Any], 
         a, extra_a, path_a = _step(one, x, step, use_outside)
         b, extra_b, path_b = _step(composed, x, step, use_outside)
         assert (path_a, path_b) == ("one-node", "composed")
-        for i, (u, v) in enumerate(zip(a, b)):
-            assert (u is None) == (v is None), i
-            if i in (6, 7):
-                # x's and the router's gradients: the router's backward is one native call on
-                # the Rust backend (its own summation order); and with shared experts autograd
-                # adds x's three terms in another order. Rounding only.
-                tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-13)
-                torch.testing.assert_close(u, v, **tol)
-                continue
-            assert u is None or torch.equal(u, v), f"tensor {i}: max diff {(u - v).abs().max()}"
+        _assert_same(a, b, dtype)
         for name in extra_b["losses"]:
-            assert torch.equal(extra_a["losses"][name], extra_b["losses"][name]), name
+            torch.testing.assert_close(extra_a["losses"][name], extra_b["losses"][name], **_tol(dtype))
         assert extra_a["stats"] == extra_b["stats"]
         one.after_optimizer_step()
         composed.after_optimizer_step()
@@ -96,7 +106,7 @@ def test_same_bits_as_the_composed_layer(backend: str, options: Dict[str, Any], 
     topp=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_random_shapes_same_bits(t: int, e: int, data: Any, topp: bool, seed: int) -> None:
+def test_random_shapes_same_values(t: int, e: int, data: Any, topp: bool, seed: int) -> None:
     k = data.draw(st.integers(1, e), label="k")
     cf = data.draw(st.sampled_from([None, 0.0, 0.5, 2.0]), label="capacity_factor")
     routing = dict(routing="topp", p=0.6, max_k=k) if topp else dict(k=k)
@@ -109,12 +119,9 @@ def test_random_shapes_same_bits(t: int, e: int, data: Any, topp: bool, seed: in
         with moerust.use_backend(name):
             a, extra_a, _ = _step(one, x, seed, False)
             b, extra_b, _ = _step(composed, x, seed, False)
-        for i, (u, v) in enumerate(zip(a, b)):
-            assert (u is None) == (v is None)
-            if i in (6, 7):  # x's and the router's gradients (see above)
-                torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
-                continue
-            assert u is None or torch.equal(u, v), name
+        # (probs, idx): the two paths may route a near-tie differently (rounding): skip those
+        assume(not near_tie_flip(a[3], b[3], a[2].double()))
+        _assert_same(a, b, torch.float32)
         assert extra_a["stats"] == extra_b["stats"]
 
 
@@ -125,13 +132,14 @@ def test_eval_no_grad_and_frozen_parts(backend: str) -> None:
     x = torch.randn(20, 8)
     with torch.no_grad():
         (y1, a1), (y2, a2) = layer(x), composed(x)
-    assert torch.equal(y1, y2) and not y1.requires_grad and a1.stats == a2.stats
+    torch.testing.assert_close(y1, y2)
+    assert not y1.requires_grad and a1.stats == a2.stats
     # A frozen router (and x without gradient): the experts still learn, nothing else is asked.
     for m in (layer, composed):
         m.router.weight.requires_grad_(False)
         m(x)[0].sum().backward()
     assert layer.router.weight.grad is None
-    assert torch.equal(layer.experts.w1.grad, composed.experts.w1.grad)
+    torch.testing.assert_close(layer.experts.w1.grad, composed.experts.w1.grad)
     # Only the balance loss backpropagates: the router learns from it alone.
     for m in (layer, composed):
         m.router.weight.requires_grad_(True)

@@ -4,19 +4,21 @@ routed experts, as a single autograd node.
 Why: on a small layer (d = 64, a thousand tokens) at 16 threads, every autograd node and every
 Python op entry costs tens of microseconds, and the composed layer has three nodes around its
 kernels (the router's linear, the router op, the routed experts) plus their entries and checks.
-Here the same implementations run back to back behind one node (the forward gives the composed
-layer's bits). Its backward runs the routed experts' backward, then the router's whole backward
-in one native call (:mod:`moerust.ops.router_backward`: the routing weights' gradient comes out
-of the experts' backward; the balance loss's is added to it; then the softmax, temperature and
-linear), which gives the composed layer's router and ``x`` gradients up to rounding.
+Here the layer runs behind one node: the router's whole forward in one native call
+(:mod:`moerust.ops.router_forward`: linear, temperature, softmax, selection, weights, balance
+loss), the dispatch plan, the routed experts; its backward runs the routed experts' backward and
+then the router's whole backward (:mod:`moerust.ops.router_backward`: the routing weights'
+gradient comes out of the experts' backward, the balance loss's is added, then the softmax,
+temperature and linear) in one native call. On the torch backend the same steps run as the
+composed layer's own ops.
 
 :meth:`moerust.nn.MoE.forward` takes this path for plain eager calls whose router selects in one
 op (:attr:`moerust.nn.Router.one_op`) and adds no training noise (see ``MoE._one_node``). The
 router's logits, probabilities and weights stay differentiable outputs, so the z, entropy,
 uniform and global-batch losses, and any use of them outside the layer, backpropagate as on the
 composed path. ``torch.compile``, hooks on the router and the other router modes compose the ops,
-which give the same values (``tests/test_one_node.py``: the same bits for the output, losses,
-statistics and expert gradients; the router and ``x`` gradients to rounding).
+which route the same way and give the same values up to rounding (``tests/test_one_node.py``; a
+token whose top experts are within rounding of each other may be routed differently).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .. import _backend
 from .._backend import numpy_view as _np
@@ -34,13 +35,13 @@ from ..ops.routed_experts import _routed_experts_backward_op, _routed_experts_im
 from ..ops.router_backward import native_args, router_backward
 from ..ops.router_softmax import _takes_kernel_op
 
-# (probs, idx, counts, weights, share, balance) of a routing, from its logits.
-Select = Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]
+# (logits, probs, idx, counts, weights, share, balance) of routing x with a router weight.
+Route = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, ...]]
 
 
 class RoutedLayer(torch.autograd.Function):
     """``(y, balance, logits, probs, weights) = RoutedLayer.apply(x, router_weight, w1, w2,
-    temperature, renormalize, select, plan_of, activation, out)``, all five differentiable as on
+    temperature, renormalize, route, plan_of, activation, out)``, all five differentiable as on
     the composed path; ``out`` (a dict) receives ``"selection"`` = ``(idx, counts, share)`` and
     ``"plan"``."""
 
@@ -53,16 +54,13 @@ class RoutedLayer(torch.autograd.Function):
         w2: torch.Tensor,
         temperature: float,
         renormalize: bool,
-        select: Select,
+        route: Route,
         plan_of: Callable[[torch.Tensor, torch.Tensor], Plan],
         activation: str,
         out: Dict[str, Any],
     ) -> Tuple[torch.Tensor, ...]:
-        # The router's own ops, in its order (same bits as Router.forward).
-        logits = F.linear(x, router_weight)
-        if temperature != 1.0:
-            logits = logits / temperature
-        probs, idx, counts, weights, share, balance = select(logits)
+        # The router's whole forward (one native call on the Rust backend).
+        logits, probs, idx, counts, weights, share, balance = route(x, router_weight)
         plan = plan_of(idx, counts)
         y, xs, h, ys = _routed_experts_impl(
             x, weights, w1, w2, plan.row_token, plan.row_slot, plan.slot_row, plan.offsets, activation

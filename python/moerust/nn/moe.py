@@ -289,7 +289,7 @@ class MoE(nn.Module):
         r = self.router
         out: Dict[str, object] = {}
         y, balance, logits, probs, weights = RoutedLayer.apply(
-            x2, r.weight, self.experts.w1, self.experts.w2, r.temperature, r.renormalize, r.select, self._unchecked_plan,
+            x2, r.weight, self.experts.w1, self.experts.w2, r.temperature, r.renormalize, r.route_without_graph, self._unchecked_plan,
             self.experts.activation, out,
         )  # fmt: skip
         idx, counts, share = out["selection"]  # type: ignore[misc]

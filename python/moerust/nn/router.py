@@ -28,8 +28,7 @@ from torch import nn
 from .. import ops
 from ..ops import _checks
 from ..ops.route_weights import MIN_SUM
-from ..ops.topk_router import _topk_router_impl
-from ..ops.topp_router import _topp_router_impl
+from ..ops.router_forward import router_forward
 
 ROUTINGS = ("softmax_topk", "topk_softmax", "topp")
 
@@ -179,16 +178,14 @@ class Router(nn.Module):
             return self.threshold is None
         return self.routing == "softmax_topk" and not self.bias_balance
 
-    def select(self, logits: torch.Tensor) -> "tuple[torch.Tensor, ...]":
-        """``(probs, idx, counts, weights, share, balance)`` from final logits (after temperature
-        and noise), without autograd: the one-op modes' implementation (see :attr:`one_op`), for
-        the layer's one-node path (:class:`moerust.nn.fused.RoutedLayer`), whose backward
-        differentiates it."""
-        if self.routing == "topp":
-            thresholds = torch.tensor([self.p], dtype=torch.float32, device=logits.device)
-            return _topp_router_impl(logits, thresholds, self.min_k, self.max_k, self.renormalize)
-        probs, idx, weights, share, balance = _topk_router_impl(logits, self.k, self.renormalize)
-        return probs, idx, self._topk_counts(logits), weights, share, balance
+    def route_without_graph(self, x: torch.Tensor, weight: torch.Tensor) -> "tuple[torch.Tensor, ...]":
+        """``(logits, probs, idx, counts, weights, share, balance)`` of routing ``x`` with
+        ``weight`` (this router's, in ``x``'s dtype), without autograd and without training
+        noise: the one-op modes (see :attr:`one_op`) in one call
+        (:func:`moerust.ops.router_forward.router_forward`), for the layer's one-node path
+        (:class:`moerust.nn.fused.RoutedLayer`), whose backward differentiates it."""
+        topp = (self.p, self.min_k, self.max_k) if self.routing == "topp" else None
+        return router_forward(x.contiguous(), weight, self.temperature, self.renormalize, self.k, topp)
 
     def _topk_counts(self, x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0],), self.k, dtype=torch.int64, device=x.device)
