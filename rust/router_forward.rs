@@ -68,7 +68,10 @@ pub fn router_forward<T: MlpReal + RankKey>(
     check_len("x", x.len(), t * d)?;
     check_len("router_weight", weight.len(), e * d)?;
     check_len("logits", out.logits.len(), t * e)?;
-    with_team(threads, t * e * d, || {
+    // The product's multiply-adds run 16 to a vector instruction: count them as 1/16 of the
+    // element operations that size teams (a 1024 x 8 x 64 product stays on one thread; on the
+    // lent 16-core VM a 4-thread team took longer to wake than the product).
+    with_team(threads, t * e * d / 16, || {
         logits(x, t, d, weight, e, temperature, out.logits)
     });
     with_team(threads, t * e * ROUTE_COST, || {
