@@ -709,11 +709,12 @@ fn router_views<'a, T: Element + Copy>(
     Ok((s, g, dims, slice_mut!(dweight, "dweight")))
 }
 
-/// A router's backward team: sized by its row loops' work (per row the products are small, and a
-/// larger team only added fork/join time: 82 us at 16 threads for T = 1024, E = 8, d = 64).
+/// A router's backward team: sized by its row loops' work, the products' multiply-adds counting
+/// 1/16 (they run 16 to a vector instruction; with more threads, T = 1024, E = 8, d = 64 took
+/// 82 us at 16 threads on the lent VM, mostly waking the team).
 fn router_work(dims: [usize; 4]) -> usize {
     let [t, e, k, d] = dims;
-    t * e * (d + k)
+    t * e * (k + d / 8)
 }
 
 macro_rules! router_backward_kernels {
