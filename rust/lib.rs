@@ -20,6 +20,8 @@ pub mod router_forward;
 pub mod routing;
 pub mod softmax;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 pub mod threads;
 pub mod window_mask;
 

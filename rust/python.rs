@@ -23,7 +23,7 @@ use crate::route_weights;
 use crate::routed_experts::{self, GradYs, PlanView};
 use crate::router_backward::{self, RouterGrads, RouterSaved};
 use crate::router_forward::{self, RouterOutputs, Selection};
-use crate::routing;
+use crate::routing::{self, ROUTE_COST};
 use crate::softmax;
 use crate::threads::with_team;
 use crate::window_mask;
@@ -56,10 +56,6 @@ macro_rules! slice_mut {
             .map_err(|_| PyValueError::new_err(format!("{} must be C-contiguous", $arg)))?
     };
 }
-
-/// Work units per probability in routing (a key, compares and selects), against 1 per element
-/// copied: sizes the team for routing calls.
-const ROUTE_COST: usize = 8;
 
 /// Runs a kernel of about `work` element operations with the GIL released. Kernels split their
 /// tasks over torch's OpenMP team (`omp_team`), so they run on the calling thread, whose team is

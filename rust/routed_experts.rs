@@ -101,14 +101,7 @@ mod tests {
     use super::*;
     use crate::dispatch::{combine, combine_backward, dispatch_plan, gather, gather_backward};
     use crate::expert_mlp::Activation;
-
-    fn values(n: usize, seed: u32) -> Vec<f64> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f64 / 500.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::values;
 
     /// The fused call equals gather -> expert MLPs -> combine (and their backwards) called apart,
     /// including a dropped slot and an expert without rows.

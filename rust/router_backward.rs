@@ -171,14 +171,7 @@ fn linear_backward<T: MlpReal>(
 mod tests {
     use super::*;
     use crate::route_weights::route_weights;
-
-    fn values(n: usize, seed: u32) -> Vec<f64> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f64 / 500.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::values;
 
     /// Loss = sum(gw * w) + sum(gp * p) + sum(gl * l) + gb * balance, by finite differences on
     /// x and Wr (f64), against the analytic kernel.

@@ -11,7 +11,7 @@ use crate::error::{check_len, KResult};
 use crate::expert_mlp::{matmul, MlpReal, Strides};
 use crate::omp_team::for_each_part;
 use crate::route_weights::route_weights;
-use crate::routing::{topk_route, topp_route, RankKey};
+use crate::routing::{topk_route, topp_route, RankKey, ROUTE_COST};
 use crate::softmax::softmax_rows;
 use crate::threads::{rows_per_task, team_size, with_team};
 
@@ -46,9 +46,6 @@ pub struct RouterOutputs<'a, T> {
     /// `[E]` each expert's share of the kept slots.
     pub share: &'a mut [T],
 }
-
-/// Work units per probability in routing (as the bindings size the team for routing calls).
-const ROUTE_COST: usize = 8;
 
 /// Routes `x [T, d]` with `weight [E, d]`; returns the balance loss (module docs). Each stage
 /// runs on a team sized by its own work, as the separate kernels would (`threads` asked for).

@@ -13,6 +13,10 @@ fn nan_error<T>(row: usize) -> KResult<T> {
     value_err(format!("probs contains NaN (row {row})"))
 }
 
+/// Work units per probability in routing (a key, compares and selects), against 1 per element
+/// copied: sizes the team for routing calls.
+pub const ROUTE_COST: usize = 8;
+
 /// Writes the indices of the `k` largest entries of each row of `probs[t, e]` into `out[t, k]`,
 /// ordered by descending value, ties by lower index. NaN anywhere is an error.
 pub fn topk_route<F: RankKey>(
