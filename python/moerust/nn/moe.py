@@ -8,7 +8,9 @@ expert's MLP on its contiguous rows (:func:`moerust.ops.expert_mlp`), and
 as one op (:meth:`GroupedExperts.routed`, :func:`moerust.ops.routed_experts`): the same kernels
 and bits, without a Python entry and autograd node around each small kernel. The layer returns
 the output and a :class:`MoEAux` with the balancing losses (each on its own) and routing
-statistics.
+statistics. Plain eager calls of the common router modes run all of it behind one autograd node
+(:mod:`moerust.nn.fused`: the same values up to rounding, fewer Python entries and nodes);
+``layer.one_node = False`` always composes the pieces.
 """
 
 from __future__ import annotations
