@@ -90,38 +90,43 @@ class RoutedLayer(torch.autograd.Function):
         x, router_weight, w1, w2, probs, idx, share, weights, xs, h, ys = saved[:11]
         plan = saved[11:]
         need_x, need_router, need_w1, need_w2 = ctx.needs_input_grad[:4]
-        dx = dweights = dw1 = dw2 = drouter = None
+        need_router_grads = need_x or need_router
+        grad_weights, grad_probs, grad_logits = (
+            None if g is None else g.contiguous() for g in (grad_weights, grad_probs, grad_logits)
+        )
         router_saved = (x, router_weight, probs, idx, share)
+        dx = dweights = dw1 = dw2 = drouter = None
         if grad_y is not None:
             grad_y = grad_y.contiguous()
             overwrite = _eager.saved_tensors_die(ctx, grad_y, *saved)
-            extra = [g.contiguous() for g in (grad_weights, grad_probs, grad_logits) if g is not None]
-            if (need_x or need_router) and _backend.rust_handles(grad_y, *saved, *extra):
-                # Experts and router backward in one native call (the router's arguments are
-                # prepared now, while Python's state is still in cache).
+            outside = [g for g in (grad_weights, grad_probs, grad_logits) if g is not None]
+            if need_router_grads and _backend.rust_handles(grad_y, *saved, *outside):
+                # The experts' and the router's backward in one native call (the router's
+                # arguments are prepared now, while Python's own state is still in cache).
                 args, drouter = native_args(
-                    None if grad_probs is None else grad_probs.contiguous(),
-                    None if grad_logits is None else grad_logits.contiguous(),
-                    grad_balance, router_saved, ctx.renormalize, ctx.temperature,
+                    grad_probs, grad_logits, grad_balance, router_saved, ctx.renormalize, ctx.temperature
                 )  # fmt: skip
-                extra_w = None if grad_weights is None else _np(grad_weights.contiguous())
+                extra = None if grad_weights is None else _np(grad_weights)
                 dx, _, dw1, dw2 = native_backward(
-                    grad_y, xs, h, ys, weights, w1, w2, plan, ctx.activation, overwrite, (extra_w, args)
+                    grad_y, xs, h, ys, weights, w1, w2, plan, ctx.activation, overwrite, (extra, args)
                 )  # fmt: skip
-                return (dx if need_x else None, drouter if need_router else None, dw1 if need_w1 else None, dw2 if need_w2 else None) + (None,) * 6
+                return _grads(ctx, dx, drouter, dw1, dw2)
             dx, dweights, dw1, dw2 = _routed_experts_backward_op(
                 grad_y, xs, h, ys, weights, w1, w2, *plan, ctx.activation, overwrite
             )  # fmt: skip
         if grad_weights is not None:  # the weights were also used outside the layer
             dweights = grad_weights if dweights is None else dweights.add_(grad_weights)
-        router_grads = (dweights, grad_balance, grad_probs, grad_logits)
-        if (need_x or need_router) and any(g is not None for g in router_grads):
+        if need_router_grads and any(g is not None for g in (dweights, grad_balance, grad_probs, grad_logits)):
             if dweights is None:
                 dweights = torch.zeros_like(weights)
-            dx_all, drouter = router_backward(
+            dx, drouter = router_backward(
                 dweights, grad_probs, grad_logits, grad_balance, router_saved,
                 ctx.renormalize, ctx.temperature, ctx.softmax_op, dx,
             )  # fmt: skip
-            dx = dx_all if need_x else dx
-        none = (None,) * 6
-        return (dx if need_x else None, drouter if need_router else None, dw1 if need_w1 else None, dw2 if need_w2 else None) + none
+        return _grads(ctx, dx, drouter, dw1, dw2)
+
+
+def _grads(ctx: Any, *grads: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The backward's return: the four tensor inputs' gradients where asked for, then None for
+    the six non-tensor arguments."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,) * 6

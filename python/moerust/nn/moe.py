@@ -281,7 +281,7 @@ class MoE(nn.Module):
         call whose router selects in one op (:attr:`Router.one_op`) and adds no training noise,
         with no hooks on the router and its weights in ``x``'s dtype."""
         r = self.router
-        if not self.one_node or not r.one_op or (self.training and (r.noise_std > 0 or r.jitter > 0)):
+        if not self.one_node or not r.one_op or (r.training and (r.noise_std > 0 or r.jitter > 0)):
             return False
         if r._forward_hooks or r._forward_pre_hooks or r.weight.dtype != x2.dtype:
             return False
@@ -291,8 +291,8 @@ class MoE(nn.Module):
         r = self.router
         out: Dict[str, object] = {}
         y, balance, logits, probs, weights = RoutedLayer.apply(
-            x2, r.weight, self.experts.w1, self.experts.w2, r.temperature, r.renormalize, r.route_without_graph, self._unchecked_plan,
-            self.experts.activation, out,
+            x2, r.weight, self.experts.w1, self.experts.w2, r.temperature, r.renormalize,
+            r.route_without_graph, self._unchecked_plan, self.experts.activation, out,
         )  # fmt: skip
         idx, counts, share = out["selection"]  # type: ignore[misc]
         routing = RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)

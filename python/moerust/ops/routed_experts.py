@@ -95,7 +95,8 @@ def _routed_experts_backward_op(
     calls only, when the saved ``ys`` are dead after this) the Rust kernel writes the gradient of
     the expert outputs over ``ys`` instead of into a fresh ``[R, d]`` buffer."""
     if _backend.rust_handles(grad, xs, h, ys, weights, w1, w2, row_token, slot_row):
-        return native_backward(grad, xs, h, ys, weights, w1, w2, (row_token, row_slot, slot_row, offsets), activation, overwrite_ys)
+        plan = (row_token, row_slot, slot_row, offsets)
+        return native_backward(grad, xs, h, ys, weights, w1, w2, plan, activation, overwrite_ys)
     # The backward kernels themselves (.fn: this already is a backward op).
     grad_ys, dweights = _combine_backward_op.fn(grad, ys, weights, slot_row, row_token, row_slot)
     dxs, dw1, dw2 = _expert_mlp_backward_op.fn(grad_ys, xs, h, w1, w2, offsets, activation)
