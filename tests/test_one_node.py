@@ -163,6 +163,15 @@ def test_retain_graph_twice_gives_the_same_gradients(backend: str) -> None:
         assert torch.equal(a, b)
 
 
+def test_second_order_gradients_raise_instead_of_being_wrong(backend: str) -> None:
+    layer = MoE(MoEConfig(dim=4, hidden=3, num_experts=3))
+    x = torch.randn(6, 4, requires_grad=True)
+    y, aux = layer(x)
+    (gx,) = torch.autograd.grad(y.square().sum() + aux.weighted, x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.square().sum().backward()
+
+
 @pytest.mark.parametrize(
     "change",
     [

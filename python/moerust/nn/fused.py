@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from .._backend import numpy_view as _np
@@ -78,6 +79,7 @@ class RoutedLayer(torch.autograd.Function):
         return y, balance, logits, probs, weights
 
     @staticmethod
+    @once_differentiable  # the native backward builds no graph: differentiating it again raises
     def backward(  # type: ignore[override]
         ctx: Any,
         grad_y: Optional[torch.Tensor],
