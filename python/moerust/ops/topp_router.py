@@ -64,7 +64,7 @@ def _backward(
     grad_idx: Optional[torch.Tensor],
     grad_counts: Optional[torch.Tensor],
     grad_weights: Optional[torch.Tensor],
-    grad_load: Optional[torch.Tensor],
+    grad_share: Optional[torch.Tensor],
     grad_balance: Optional[torch.Tensor],
 ) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
     return router_backward(ctx, grad_probs, grad_weights, grad_balance), None, None, None, None
