@@ -242,9 +242,8 @@ class MoE(nn.Module):
         # The losses and statistics need only the routing: on the composed path they run before
         # the expert kernels, whose buffers would otherwise have pushed this Python-heavy
         # bookkeeping out of cache.
-        counts = plan.counts if plan.capacity is None else expert_counts(r.idx, c.num_experts)
         weights = c.loss_weights()
-        losses = self._losses(r, counts, assigned, weights)
+        losses = self._losses(r, plan, assigned, weights)
         # Zero-weight losses are reported but left out of the sum (and of the backward).
         terms = [w * losses[name] for name, w in weights.items() if w != 0]
         weighted = sum(terms[1:], terms[0]) if terms else r.probs.new_zeros(())
@@ -298,8 +297,8 @@ class MoE(nn.Module):
         routing = RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)
         return routing, out["plan"], y  # type: ignore[return-value]
 
-    def _losses(self, r: RouterOutput, counts: torch.Tensor, assigned: int, weights: Dict[str, float]) -> "Losses":
-        # ``counts``: assignments per expert before capacity drops, ``assigned`` their sum.
+    def _losses(self, r: RouterOutput, plan: ops.Plan, assigned: int, weights: Dict[str, float]) -> "Losses":
+        # ``assigned``: the routed slots, kept or dropped by the plan's capacity.
         c = self.config
         grad = torch.is_grad_enabled()
         p_mean: Optional[torch.Tensor] = None
@@ -319,6 +318,9 @@ class MoE(nn.Module):
                 return r.probs.new_zeros(())
             if r.balance is not None:  # the router op computed it: no ops, no autograd nodes here
                 return r.balance if torch.is_grad_enabled() else r.balance.detach()
+            # Assignments per expert before capacity drops (counted only on this path: the router
+            # ops' own loss above needs none).
+            counts = plan.counts if plan.capacity is None else expert_counts(r.idx, c.num_experts)
             return switch_loss(r.probs, r.idx, counts=counts, p_mean=mean_probs(), total=assigned)
 
         formulas = {

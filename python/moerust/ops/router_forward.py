@@ -39,6 +39,8 @@ def router_forward(
     the router's own, already checked. Raises ValueError for NaN logits."""
     rows, num_experts = x.shape[0], weight.shape[0]
     slots = k if topp is None else topp[2]
+    # Top-k keeps k experts per token; top-p writes its counts below.
+    counts = torch.full((rows,), k, dtype=torch.int64, device=x.device) if topp is None else None
     if _backend.rust_handles(x, weight):
         dtype = x.dtype
         logits = _backend.empty(rows, num_experts, dtype=dtype)
@@ -46,10 +48,8 @@ def router_forward(
         idx = _backend.empty(rows, slots, dtype=torch.int64)
         weights = _backend.empty(rows, slots, dtype=dtype)
         share = torch.empty(num_experts, dtype=dtype)
-        if topp is None:
-            counts = torch.full((rows,), k, dtype=torch.int64)
-            selection = None
-        else:
+        selection = None
+        if topp is not None:
             counts = torch.empty(rows, dtype=torch.int64)
             selection = (np.array([topp[0]], dtype=np.float32), topp[1], topp[2], counts.numpy())
         loss = _backend.native_fn("router_forward", dtype)(
@@ -62,7 +62,6 @@ def router_forward(
         logits = logits / temperature
     if topp is None:
         probs, idx, weights, share, balance = _topk_router_impl(logits, k, renormalize)
-        counts = torch.full((rows,), k, dtype=torch.int64, device=x.device)
     else:
         thresholds = torch.tensor([topp[0]], dtype=torch.float32, device=x.device)
         probs, idx, counts, weights, share, balance = _topp_router_impl(logits, thresholds, topp[1], topp[2], renormalize)
