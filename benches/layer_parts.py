@@ -95,6 +95,9 @@ def main(argv: List[str]) -> int:
     total.clear()
     calls.clear()
     n = 100
+    from moerust import _native
+
+    regions = _native.parallel_regions() if hasattr(_native, "parallel_regions") else None
     times = []
     for _ in range(n):
         start = time.perf_counter()
@@ -104,6 +107,9 @@ def main(argv: List[str]) -> int:
     print(f"{variant} d/ff/E/k/T={'/'.join(map(str, dims))} threads={threads}: step median {times[n // 2] * 1e3:.3f} ms (instrumented)")
     for name in sorted(total, key=lambda k: -total[k]):
         print(f"{name:36s} {total[name] / n * 1e6:9.1f} us/step ({calls[name] / n:.0f} calls)")
+    if regions is not None:  # the kernels' parallel regions on torch's OpenMP team
+        count, ns = (b - a for a, b in zip(regions, _native.parallel_regions()))
+        print(f"{'  OpenMP-team regions':36s} {ns / n / 1e3:9.1f} us/step ({count / n:.1f} regions)")
     return 0
 
 

@@ -45,27 +45,49 @@ pub fn switch_balance<T: MlpReal>(
         )
         .collect();
     try_for_each_part(team_size(), parts, |_, ((sums, counts), (probs, idx))| {
-        if e > 0 {
-            for row in probs.chunks_exact(e) {
-                for (s, &p) in sums.iter_mut().zip(row) {
-                    *s += p.to_f64();
-                }
-            }
-        }
-        for &i in idx {
-            if i >= 0 && (i as usize) < e {
-                counts[i as usize] += 1;
-            } else if i != -1 {
-                return value_err(format!(
-                    "idx holds expert {i}, outside [-1, {e}) (probs has {e} experts)"
-                ));
-            }
-        }
-        Ok(())
+        balance_partial(probs, e, idx, sums, counts)
     })?;
+    Ok(balance_finish(&partial, t, e, share))
+}
+
+/// Adds the rows of `probs [R, E]` into `sums [E]` (f64) and the kept slots of `idx [R, K]`
+/// into `counts [E]`: one block's part of [`switch_balance`].
+pub(crate) fn balance_partial<T: MlpReal>(
+    probs: &[T],
+    e: usize,
+    idx: &[i64],
+    sums: &mut [f64],
+    counts: &mut [u64],
+) -> KResult<()> {
+    if e > 0 {
+        for row in probs.chunks_exact(e) {
+            for (s, &p) in sums.iter_mut().zip(row) {
+                *s += p.to_f64();
+            }
+        }
+    }
+    for &i in idx {
+        if i >= 0 && (i as usize) < e {
+            counts[i as usize] += 1;
+        } else if i != -1 {
+            return value_err(format!(
+                "idx holds expert {i}, outside [-1, {e}) (probs has {e} experts)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sums the blocks' `(sums, counts)` in order into `share [E]`; returns the loss of `t` rows.
+pub(crate) fn balance_finish<T: MlpReal>(
+    partial: &[(Vec<f64>, Vec<u64>)],
+    t: usize,
+    e: usize,
+    share: &mut [T],
+) -> f64 {
     let mut sums = vec![0.0f64; e];
     let mut counts = vec![0u64; e];
-    for (s, c) in &partial {
+    for (s, c) in partial {
         for i in 0..e {
             sums[i] += s[i];
             counts[i] += c[i];
@@ -76,10 +98,10 @@ pub fn switch_balance<T: MlpReal>(
         *f = T::from_f64(c as f64 / total);
     }
     if t == 0 {
-        return Ok(0.0);
+        return 0.0;
     }
     let dot: f64 = counts.iter().zip(&sums).map(|(&c, &s)| c as f64 * s).sum();
-    Ok(e as f64 * dot / (total * t as f64))
+    e as f64 * dot / (total * t as f64)
 }
 
 #[cfg(test)]

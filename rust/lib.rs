@@ -23,6 +23,7 @@ pub mod stream;
 #[cfg(test)]
 mod testing;
 pub mod threads;
+pub mod usage;
 pub mod window_mask;
 
 #[cfg(feature = "python")]

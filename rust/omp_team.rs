@@ -9,7 +9,7 @@
 
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::threads::with_threads;
 
@@ -18,6 +18,38 @@ use crate::threads::with_threads;
 type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, u32, u32);
 
 static GOMP_PARALLEL: AtomicUsize = AtomicUsize::new(0);
+
+/// Parallel regions started on the OpenMP team, and their summed wall time in nanoseconds: a
+/// diagnostic (`moerust._native.parallel_regions`) for the fork/join cost of small steps.
+static REGIONS: AtomicU64 = AtomicU64::new(0);
+static REGION_NS: AtomicU64 = AtomicU64::new(0);
+
+/// `(regions, nanoseconds)` of the OpenMP-team regions run so far in this process.
+pub fn regions() -> (u64, u64) {
+    (
+        REGIONS.load(Ordering::Relaxed),
+        REGION_NS.load(Ordering::Relaxed),
+    )
+}
+
+/// When on, each region's `(start, end, tasks)` is logged (start and end on [`clock_ns`]): a
+/// diagnostic timeline, off by default.
+static LOGGING: AtomicBool = AtomicBool::new(false);
+static LOG: std::sync::Mutex<Vec<(u64, u64, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// Turns the region log on or off and returns (and clears) what it holds.
+pub fn take_log(on: bool) -> Vec<(u64, u64, usize)> {
+    LOGGING.store(on, Ordering::Relaxed);
+    std::mem::take(&mut *LOG.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Nanoseconds since the first use of this clock (the region log's time base).
+pub fn clock_ns() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
 
 /// Registers the address of `GOMP_parallel` (0 unregisters).
 ///
@@ -35,10 +67,27 @@ struct Shared<'a> {
     panicked: AtomicBool,
 }
 
+thread_local! {
+    /// Whether this thread is running a task of a parallel region (see [`for_each_task`]).
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` marked as inside a task, so that kernels it calls run their own tasks inline.
+fn as_task<R>(f: impl FnOnce() -> R) -> R {
+    let before = IN_TASK.with(|c| c.replace(true));
+    let out = f();
+    IN_TASK.with(|c| c.set(before));
+    out
+}
+
 extern "C" fn worker(data: *mut c_void) {
     // SAFETY: `data` is the `&Shared` that `for_each_task` passed to GOMP_parallel, which returns
     // only after every thread has left this function, so the reference is live throughout.
     let shared = unsafe { &*(data as *const Shared<'_>) };
+    as_task(|| worker_loop(shared));
+}
+
+fn worker_loop(shared: &Shared<'_>) {
     loop {
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
         if i >= shared.n {
@@ -53,20 +102,25 @@ extern "C" fn worker(data: *mut c_void) {
 
 /// Runs `task(i)` for every `i < n` on up to `threads` threads, each thread taking the next
 /// unclaimed task (dynamic scheduling, so uneven tasks balance). Returns when all are done.
+/// Called from inside another call's task (a kernel composed of kernels, each block of rows on
+/// one thread), it runs the tasks inline: the enclosing region already uses the team.
 pub fn for_each_task(threads: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
     let threads = crate::threads::resolve_threads(threads).min(n).max(1);
     if n == 0 {
         return;
     }
     let addr = GOMP_PARALLEL.load(Ordering::Acquire);
-    if threads == 1 {
+    if threads == 1 || IN_TASK.with(|c| c.get()) {
         (0..n).for_each(task);
         return;
     }
     if addr == 0 {
         use rayon::prelude::*;
         with_threads(threads, usize::MAX, || {
-            (0..n).into_par_iter().with_max_len(1).for_each(task)
+            (0..n)
+                .into_par_iter()
+                .with_max_len(1)
+                .for_each(|i| as_task(|| task(i)))
         });
         return;
     }
@@ -81,6 +135,7 @@ pub fn for_each_task(threads: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
         task,
         panicked: AtomicBool::new(false),
     };
+    let start = std::time::Instant::now();
     // SAFETY: `addr` was registered through `set_gomp_parallel`, whose contract is that it is
     // GOMP_parallel; `worker` matches the callback type and `shared` outlives the call, which
     // blocks until the whole team is done.
@@ -92,6 +147,15 @@ pub fn for_each_task(threads: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
             threads as u32,
             0,
         );
+    }
+    REGIONS.fetch_add(1, Ordering::Relaxed);
+    let took = start.elapsed().as_nanos() as u64;
+    REGION_NS.fetch_add(took, Ordering::Relaxed);
+    if LOGGING.load(Ordering::Relaxed) {
+        let end = clock_ns();
+        LOG.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((end - took, end, n));
     }
     if shared.panicked.load(Ordering::Relaxed) {
         panic!("a kernel task panicked on an OpenMP thread");

@@ -5,8 +5,9 @@
 
 use numpy::ndarray::{ArrayViewD, IxDyn};
 use numpy::{
-    Element, PyArray1, PyArrayDyn, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
-    PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3, PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArray3, PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3, PyReadwriteArrayDyn,
+    PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -508,7 +509,7 @@ macro_rules! routed_expert_kernels {
                     }
                     rg.weights = dwv;
                     let [t, e, k, d] = dims;
-                    with_team(threads, router_work(dims), || {
+                    with_team(threads, 0, || {
                         router_backward::router_backward(&rs, t, e, k, d, &rg, dxv, dweight)
                     })?;
                 }
@@ -705,14 +706,6 @@ fn router_views<'a, T: Element + Copy>(
     Ok((s, g, dims, slice_mut!(dweight, "dweight")))
 }
 
-/// A router's backward team: sized by its row loops' work, the products' multiply-adds counting
-/// 1/16 (they run 16 to a vector instruction; with more threads, T = 1024, E = 8, d = 64 took
-/// 82 us at 16 threads on the lent VM, mostly waking the team).
-fn router_work(dims: [usize; 4]) -> usize {
-    let [t, e, k, d] = dims;
-    t * e * (k + d / 8)
-}
-
 macro_rules! router_backward_kernels {
     ($t:ty, $name:ident) => {
         /// A router's whole backward: adds its gradient of `x` to `dx [T, d]` and writes
@@ -729,7 +722,7 @@ macro_rules! router_backward_kernels {
             g.weights = slice!(grad_weights, "grad_weights");
             let dxv = slice_mut!(dx, "dx");
             let [t, e, k, d] = dims;
-            Ok(run_team(py, threads, router_work(dims), || {
+            Ok(run_team(py, threads, 0, || {
                 router_backward::router_backward(&s, t, e, k, d, &g, dxv, dwv)
             })?)
         }
@@ -814,6 +807,382 @@ macro_rules! router_forward_kernels {
 
 router_forward_kernels!(f32, router_forward_f32);
 router_forward_kernels!(f64, router_forward_f64);
+
+/// An uninitialised pooled output array (see `pooled_array`), typed.
+fn pooled<'py, T: Element>(
+    py: Python<'py>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    Ok(pooled_array::<T>(py, shape)?.cast_into::<PyArrayDyn<T>>()?)
+}
+
+/// Each expert's capacity for `routed` slots: `ceil(factor * routed / E)`, in the same f64
+/// operations as the Python layer's `MoE.capacity`; None (dropless) without a factor.
+fn expert_capacity(factor: Option<f64>, routed: usize, e: usize) -> Option<usize> {
+    factor.map(|f| (f * routed as f64 / e as f64).ceil() as usize)
+}
+
+/// The arrays the one-node forward keeps for its backward besides the layer's inputs:
+/// `(xs, h, ys, (row_token, row_slot, slot_row, offsets))`.
+type KeptArrays<'py, T> = (
+    PyReadonlyArray2<'py, T>,
+    PyReadonlyArray2<'py, T>,
+    PyReadwriteArray2<'py, T>,
+    PlanArrays<'py>,
+);
+
+/// The layer's saved inputs and router outputs: `(x, router_weight, w1, w2, probs, idx, share,
+/// weights)`.
+type LayerSaved<'py, T> = (
+    PyReadonlyArray2<'py, T>,
+    PyReadonlyArray2<'py, T>,
+    PyReadonlyArray3<'py, T>,
+    PyReadonlyArray3<'py, T>,
+    PyReadonlyArray2<'py, T>,
+    PyReadonlyArray2<'py, i64>,
+    PyReadonlyArray1<'py, T>,
+    PyReadonlyArray2<'py, T>,
+);
+
+/// Gradients of the layer's router outputs used outside it: `(weights [T, K], probs [T, E],
+/// logits [T, E], balance loss)`, each optional.
+type OutsideGrads<'py, T> = (
+    Option<PyReadonlyArray2<'py, T>>,
+    Option<PyReadonlyArray2<'py, T>>,
+    Option<PyReadonlyArray2<'py, T>>,
+    Option<T>,
+);
+
+macro_rules! moe_layer_kernels {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        /// The MoE layer's one-node forward (`nn/fused.py`) in one call: the router's whole
+        /// forward (top-k with `k`, or top-p with `topp = (p, min_k, max_k)`), the dispatch plan
+        /// (capacity `ceil(capacity_factor * routed / E)`, or dropless) and the routed experts —
+        /// the kernels of the separate calls, in their order — with every output allocated here.
+        /// With `stats = (ema [E], steps (0-d), beta, training)` the usage EMA and step count
+        /// are updated in place from the plan's counts (`usage::ema_update`, when training).
+        /// Returns `(dropped, capacity, steps, [balance loss (0-d), balance_weight * loss (0-d),
+        /// y, logits, probs, idx, counts, weights, share, plan counts, offsets, row_token,
+        /// row_slot, slot_row, xs, h, ys, ema after the update (with stats)])`.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+        fn $fwd<'py>(
+            py: Python<'py>,
+            x: PyReadonlyArray2<'py, $t>,
+            router_weight: PyReadonlyArray2<'py, $t>,
+            w1: PyReadonlyArray3<'py, $t>,
+            w2: PyReadonlyArray3<'py, $t>,
+            temperature: $t,
+            renormalize: bool,
+            k: usize,
+            topp: Option<(f32, usize, usize)>,
+            capacity_factor: Option<f64>,
+            activation: &str,
+            balance_weight: f64,
+            stats: Option<(
+                PyReadwriteArray1<'py, f64>,
+                PyReadwriteArrayDyn<'py, i64>,
+                f64,
+                bool,
+            )>,
+            threads: usize,
+        ) -> PyResult<(i64, Option<usize>, Option<i64>, Vec<Bound<'py, PyAny>>)> {
+            let (t, d, e) = (x.shape()[0], x.shape()[1], router_weight.shape()[0]);
+            let (s1, s2) = (w1.shape(), w2.shape());
+            if router_weight.shape()[1] != d || s1[0] != e || s2[0] != e || s1[2] != d || s2[1] != d
+            {
+                return Err(PyValueError::new_err(format!(
+                    "x {:?}, router_weight {:?}, w1 {s1:?} and w2 {s2:?} do not make one layer",
+                    x.shape(),
+                    router_weight.shape()
+                )));
+            }
+            let slots = topp.map_or(k, |(_, _, max_k)| max_k);
+            let (xv, rv, a, b) = (
+                slice!(x, "x"),
+                slice!(router_weight, "router_weight"),
+                slice!(w1, "w1"),
+                slice!(w2, "w2"),
+            );
+            // The router.
+            let logits = pooled::<$t>(py, &[t, e])?;
+            let probs = pooled::<$t>(py, &[t, e])?;
+            let idx = pooled::<i64>(py, &[t, slots])?;
+            let weights = pooled::<$t>(py, &[t, slots])?;
+            let share = pooled::<$t>(py, &[e])?;
+            let counts = pooled::<i64>(py, &[t])?;
+            let (loss, routed) = {
+                let (mut lg, mut pr, mut ix, mut wt, mut sh, mut ct) = (
+                    logits.readwrite(),
+                    probs.readwrite(),
+                    idx.readwrite(),
+                    weights.readwrite(),
+                    share.readwrite(),
+                    counts.readwrite(),
+                );
+                let out = RouterOutputs {
+                    logits: slice_mut!(lg, "logits"),
+                    probs: slice_mut!(pr, "probs"),
+                    idx: slice_mut!(ix, "idx"),
+                    weights: slice_mut!(wt, "weights"),
+                    share: slice_mut!(sh, "share"),
+                };
+                let cv = slice_mut!(ct, "counts");
+                py.detach(|| -> KResult<(f64, usize)> {
+                    let p = [topp.map_or(0.0, |(p, _, _)| p)];
+                    let selection = match topp {
+                        Some((_, min_k, max_k)) => Selection::TopP {
+                            p: &p,
+                            min_k,
+                            max_k,
+                            counts: &mut *cv,
+                        },
+                        None => {
+                            cv.fill(k as i64);
+                            Selection::TopK(k)
+                        }
+                    };
+                    let loss = router_forward::router_forward(
+                        xv,
+                        t,
+                        d,
+                        rv,
+                        e,
+                        temperature,
+                        renormalize,
+                        selection,
+                        out,
+                        threads,
+                    )?;
+                    Ok((loss, cv.iter().map(|&c| c.max(0) as usize).sum()))
+                })?
+            };
+            // The dispatch plan.
+            let capacity = expert_capacity(capacity_factor, routed, e);
+            let plan = {
+                let ix = idx.readonly();
+                let ixv = slice!(ix, "idx");
+                run_team(py, threads, 4 * ixv.len(), || {
+                    dispatch::dispatch_plan(ixv, t, slots, e, capacity)
+                })?
+            };
+            // The routed experts.
+            let s = mlp_shape(&[plan.row_token.len(), d], s2, activation)?;
+            let xs = pooled::<$t>(py, &[s.r, d])?;
+            let h = pooled::<$t>(py, &[s.r, s1[1]])?;
+            let ys = pooled::<$t>(py, &[s.r, d])?;
+            let y = pooled::<$t>(py, &[t, d])?;
+            {
+                let wt = weights.readonly();
+                let (mut xsw, mut hw, mut ysw, mut yw) =
+                    (xs.readwrite(), h.readwrite(), ys.readwrite(), y.readwrite());
+                let wv = slice!(wt, "weights");
+                let (xsv, hv, ysv, yv) = (
+                    slice_mut!(xsw, "xs"),
+                    slice_mut!(hw, "h"),
+                    slice_mut!(ysw, "ys"),
+                    slice_mut!(yw, "y"),
+                );
+                let view = PlanView {
+                    row_token: &plan.row_token,
+                    row_slot: &plan.row_slot,
+                    slot_row: &plan.slot_row,
+                    offsets: &plan.offsets,
+                };
+                run_team(py, threads, mlp_work(&s), || {
+                    routed_experts::routed_experts_forward(
+                        &s, xv, t, wv, view, a, b, xsv, hv, ysv, yv,
+                    )
+                })?;
+            }
+            // The usage statistics.
+            let mut steps = None;
+            let mut ema_now = None;
+            if let Some((mut ema, mut step, beta, training)) = stats {
+                let (ev, sv) = (slice_mut!(ema, "ema"), slice_mut!(step, "steps"));
+                if ev.len() != e || sv.len() != 1 {
+                    return Err(PyValueError::new_err(format!(
+                        "stats buffers must hold {e} and 1 values, got {} and {}",
+                        ev.len(),
+                        sv.len()
+                    )));
+                }
+                if training {
+                    crate::usage::ema_update(ev, &plan.counts, beta);
+                    sv[0] += 1;
+                }
+                steps = Some(sv[0]);
+                ema_now = Some(PyArray1::from_slice(py, ev).into_any());
+            }
+            let dropped = plan.dropped;
+            let slot_row = i64_array(py, plan.slot_row).reshape([t, slots])?;
+            let loss = loss as $t;
+            let scalar =
+                |v: $t| numpy::PyArray::from_owned_array(py, numpy::ndarray::arr0(v)).into_any();
+            let mut arrays = vec![
+                scalar(loss),
+                scalar(balance_weight as $t * loss),
+                y.into_any(),
+                logits.into_any(),
+                probs.into_any(),
+                idx.into_any(),
+                counts.into_any(),
+                weights.into_any(),
+                share.into_any(),
+                i64_array(py, plan.counts).into_any(),
+                i64_array(py, plan.offsets).into_any(),
+                i64_array(py, plan.row_token).into_any(),
+                i64_array(py, plan.row_slot).into_any(),
+                slot_row.into_any(),
+                xs.into_any(),
+                h.into_any(),
+                ys.into_any(),
+            ];
+            arrays.extend(ema_now);
+            Ok((dropped, capacity, steps, arrays))
+        }
+
+        /// The one-node layer's backward in one call, from `grad [T, d]` (the gradient of `y`),
+        /// what the forward saved and kept, and the gradients of the router outputs used
+        /// outside the layer: the routed experts' backward, then (with `router`) the router's
+        /// whole backward from the routing weights' gradient just computed. With
+        /// `overwrite_ys` the expert outputs' gradient is written over `ys`. Returns `(dx,
+        /// d_router_weight or None, dw1, dw2)`.
+        #[pyfunction]
+        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+        fn $bwd<'py>(
+            py: Python<'py>,
+            grad: PyReadonlyArray2<'py, $t>,
+            saved: LayerSaved<'py, $t>,
+            kept: KeptArrays<'py, $t>,
+            outside: OutsideGrads<'py, $t>,
+            renormalize: bool,
+            temperature: $t,
+            activation: &str,
+            overwrite_ys: bool,
+            router: bool,
+            threads: usize,
+        ) -> PyResult<(
+            Bound<'py, PyAny>,
+            Option<Bound<'py, PyAny>>,
+            Bound<'py, PyAny>,
+            Bound<'py, PyAny>,
+        )> {
+            let (x, router_weight, w1, w2, probs, idx, share, weights) = saved;
+            let (xs, h, mut ys, plan) = kept;
+            let (grad_weights, grad_probs, grad_logits, grad_balance) = outside;
+            let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
+            let (t, e, k, d) = (x.shape()[0], probs.shape()[1], idx.shape()[1], x.shape()[1]);
+            let dx = pooled::<$t>(py, &[t, d])?;
+            let dw1 = pooled::<$t>(py, w1.shape())?;
+            let dw2 = pooled::<$t>(py, w2.shape())?;
+            let dwr = if router {
+                Some(pooled::<$t>(py, &[e, d])?)
+            } else {
+                None
+            };
+            let grad_xs = pooled::<$t>(py, &[s.r, d])?;
+            let grad_ys = if overwrite_ys {
+                None
+            } else {
+                Some(pooled::<$t>(py, &[s.r, d])?)
+            };
+            let mut dweights = vec![<$t>::default(); t * k];
+            {
+                let (mut dxw, mut dw1w, mut dw2w, mut gxw) = (
+                    dx.readwrite(),
+                    dw1.readwrite(),
+                    dw2.readwrite(),
+                    grad_xs.readwrite(),
+                );
+                let mut dwrw = dwr.as_ref().map(|a| a.readwrite());
+                let mut gyw = grad_ys.as_ref().map(|a| a.readwrite());
+                let target = match gyw.as_mut() {
+                    Some(scratch) => GradYs::Scratch {
+                        ys: slice!(ys, "ys"),
+                        grad_ys: slice_mut!(scratch, "grad_ys"),
+                    },
+                    None => GradYs::OverYs(slice_mut!(ys, "ys")),
+                };
+                let (dxv, da, db, gxs) = (
+                    slice_mut!(dxw, "dx"),
+                    slice_mut!(dw1w, "dw1"),
+                    slice_mut!(dw2w, "dw2"),
+                    slice_mut!(gxw, "grad_xs"),
+                );
+                let dwrv = match dwrw.as_mut() {
+                    Some(a) => Some(slice_mut!(a, "d_router_weight")),
+                    None => None,
+                };
+                let (g, a, b, wv) = (
+                    slice!(grad, "grad"),
+                    slice!(w1, "w1"),
+                    slice!(w2, "w2"),
+                    slice!(weights, "weights"),
+                );
+                let kept = (slice!(xs, "xs"), slice!(h, "h"));
+                let view = plan_view(&plan)?;
+                let rs = RouterSaved {
+                    x: slice!(x, "x"),
+                    weight: slice!(router_weight, "router_weight"),
+                    probs: slice!(probs, "probs"),
+                    idx: slice!(idx, "idx"),
+                    renormalize,
+                    temperature,
+                };
+                let extra = match &grad_weights {
+                    Some(a) => Some(slice!(a, "grad_weights")),
+                    None => None,
+                };
+                let mut rg = RouterGrads {
+                    weights: &[],
+                    probs: match &grad_probs {
+                        Some(a) => Some(slice!(a, "grad_probs")),
+                        None => None,
+                    },
+                    logits: match &grad_logits {
+                        Some(a) => Some(slice!(a, "grad_logits")),
+                        None => None,
+                    },
+                    balance: match grad_balance {
+                        Some(c) => Some((c, slice!(share, "share"))),
+                        None => None,
+                    },
+                };
+                let dw = &mut dweights[..];
+                py.detach(|| -> KResult<()> {
+                    with_team(threads, 2 * mlp_work(&s), || {
+                        routed_experts::routed_experts_backward(
+                            &s, g, t, kept, target, wv, view, a, b, gxs, dxv, dw, da, db,
+                        )
+                    })?;
+                    if let Some(dwrv) = dwrv {
+                        if let Some(extra) = extra {
+                            crate::error::check_len("grad_weights", extra.len(), dw.len())?;
+                            for (v, &u) in dw.iter_mut().zip(extra) {
+                                *v += u;
+                            }
+                        }
+                        rg.weights = dw;
+                        with_team(threads, 0, || {
+                            router_backward::router_backward(&rs, t, e, k, d, &rg, dxv, dwrv)
+                        })?;
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok((
+                dx.into_any(),
+                dwr.map(|a| a.into_any()),
+                dw1.into_any(),
+                dw2.into_any(),
+            ))
+        }
+    };
+}
+
+moe_layer_kernels!(f32, moe_forward_f32, moe_backward_f32);
+moe_layer_kernels!(f64, moe_forward_f64, moe_backward_f64);
 
 route_weight_kernels!(f32, route_weights_f32, route_weights_backward_f32);
 route_weight_kernels!(f64, route_weights_f64, route_weights_backward_f64);
@@ -977,6 +1346,26 @@ fn pool_clear() -> usize {
     pool::clear()
 }
 
+/// `(regions, nanoseconds)`: the parallel regions the kernels have run on torch's OpenMP team in
+/// this process and their summed wall time (a diagnostic for small steps' fork/join costs).
+#[pyfunction]
+fn parallel_regions() -> (u64, u64) {
+    crate::omp_team::regions()
+}
+
+/// Turns the log of parallel regions on or off; returns (and clears) the regions logged so far
+/// as `(start_ns, end_ns, tasks)` on the clock of `region_clock_ns`. A diagnostic.
+#[pyfunction]
+fn region_log(on: bool) -> Vec<(u64, u64, usize)> {
+    crate::omp_team::take_log(on)
+}
+
+/// Now, in nanoseconds on the region log's clock.
+#[pyfunction]
+fn region_clock_ns() -> u64 {
+    crate::omp_team::clock_ns()
+}
+
 /// Runs the expert kernels' tasks on the OpenMP team whose `GOMP_parallel` is at `addr` (0: rayon).
 #[pyfunction]
 fn use_openmp_team(addr: usize) {
@@ -1057,6 +1446,17 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(pooled_empty, m)?)?;
     m.add_function(wrap_pyfunction!(pool_info, m)?)?;
+    m.add_function(wrap_pyfunction!(parallel_regions, m)?)?;
+    for f in [
+        wrap_pyfunction!(moe_forward_f32, m)?,
+        wrap_pyfunction!(moe_forward_f64, m)?,
+        wrap_pyfunction!(moe_backward_f32, m)?,
+        wrap_pyfunction!(moe_backward_f64, m)?,
+    ] {
+        m.add_function(f)?;
+    }
+    m.add_function(wrap_pyfunction!(region_log, m)?)?;
+    m.add_function(wrap_pyfunction!(region_clock_ns, m)?)?;
     m.add_function(wrap_pyfunction!(pool_clear, m)?)?;
     Ok(())
 }

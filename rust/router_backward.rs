@@ -16,10 +16,11 @@
 use crate::error::{check_len, KResult};
 use crate::expert_mlp::{matmul, MlpReal, Strides};
 use crate::isa::with_best_isa;
-use crate::omp_team::for_each_part;
+use crate::omp_team::try_for_each_part;
 use crate::route_weights::route_weights_backward;
+use crate::router_forward::router_team;
 use crate::softmax::softmax_backward_rows;
-use crate::threads::{rows_per_task, team_size};
+use crate::threads::{full_team, split, split_mut, with_team};
 
 /// The incoming gradients of a router's outputs.
 pub struct RouterGrads<'a, T> {
@@ -51,13 +52,13 @@ pub struct RouterSaved<'a, T> {
 
 /// Adds the router's gradient of `x` to `dx [T, d]` and writes `dweight [E, d]` (module docs).
 #[allow(clippy::too_many_arguments)]
-pub fn router_backward<T: MlpReal>(
-    s: &RouterSaved<'_, T>,
+pub fn router_backward<'a, T: MlpReal>(
+    s: &RouterSaved<'a, T>,
     t: usize,
     e: usize,
     k: usize,
     d: usize,
-    g: &RouterGrads<'_, T>,
+    g: &RouterGrads<'a, T>,
     dx: &mut [T],
     dweight: &mut [T],
 ) -> KResult<()> {
@@ -73,98 +74,116 @@ pub fn router_backward<T: MlpReal>(
     if let Some((_, share)) = g.balance {
         check_len("share", share.len(), e)?;
     }
-    // dp: the routing weights' backward (checks probs, idx and their sizes), then the rest.
-    let mut dp = vec![T::ZERO; t * e];
-    route_weights_backward(g.weights, s.probs, t, e, s.idx, k, s.renormalize, &mut dp)?;
+    check_len("grad_weights", g.weights.len(), t * k)?;
+    check_len("probs", s.probs.len(), t * e)?;
+    check_len("idx", s.idx.len(), t * k)?;
     let coef = g
         .balance
         .map(|(c, share)| (c * T::from_f64(e as f64 / t.max(1) as f64), share));
-    if g.probs.is_some() || coef.is_some() {
-        for (r, row) in dp.chunks_exact_mut(e.max(1)).enumerate() {
-            if let Some(gp) = g.probs {
-                for (v, &u) in row.iter_mut().zip(&gp[r * e..(r + 1) * e]) {
-                    *v += u;
-                }
-            }
-            if let Some((c, share)) = coef {
-                for (v, &f) in row.iter_mut().zip(share) {
-                    *v += c * f;
-                }
-            }
-        }
-    }
-    let mut dl = vec![T::ZERO; t * e];
-    softmax_backward_rows(&dp, s.probs, t, e, &mut dl)?;
-    let inv_t = T::ONE / s.temperature;
-    if g.logits.is_some() || s.temperature != T::ONE {
-        for (i, v) in dl.iter_mut().enumerate() {
-            let extra = g.logits.map_or(T::ZERO, |gl| gl[i]);
-            *v = (*v + extra) * inv_t;
-        }
-    }
-    linear_backward(&dl, s.x, s.weight, t, e, d, dx, dweight);
-    Ok(())
-}
-
-/// `dx += dl Wr` and `dweight = dl^T x` for `dl [T, E]`, over row blocks of the team.
-#[allow(clippy::too_many_arguments)]
-fn linear_backward<T: MlpReal>(
-    dl: &[T],
-    x: &[T],
-    weight: &[T],
-    t: usize,
-    e: usize,
-    d: usize,
-    dx: &mut [T],
-    dweight: &mut [T],
-) {
-    dweight.fill(T::ZERO);
-    if t == 0 || e == 0 || d == 0 {
-        return;
-    }
-    // Blocks of at least ~256K multiply-adds: each costs a GEMM call and an [E, d] partial.
-    let rows = rows_per_task(t, 4 * e * d, 1 << 18);
-    let blocks = t.div_ceil(rows);
-    // Per block: its rows' part of dweight, summed below in block order.
+    // Blocks of rows, each through every step on one thread, in one parallel region (the team
+    // asked for by the enclosing `with_team`, sized like the router's forward); each block's
+    // part of dWr is summed below in block order.
+    let team = router_team(full_team(), t, e, d);
+    let rows = t.div_ceil(2 * team).max(1);
+    let blocks = t.div_ceil(rows).max(1);
     let mut partial = vec![T::ZERO; blocks * e * d];
-    let parts: Vec<_> = dx
-        .chunks_mut(rows * d)
-        .zip(partial.chunks_mut(e * d))
-        .zip(dl.chunks(rows * e).zip(x.chunks(rows * d)))
+    let opt = |v: Option<&'a [T]>| match v {
+        Some(v) => split(v, blocks, rows * e).into_iter().map(Some).collect(),
+        None => vec![None; blocks],
+    };
+    let parts: Vec<_> = split_mut(dx, blocks, rows * d)
+        .into_iter()
+        .zip(split_mut(&mut partial, blocks, e * d))
+        .zip(split(s.x, blocks, rows * d))
+        .zip(split(s.probs, blocks, rows * e))
+        .zip(split(s.idx, blocks, rows * k))
+        .zip(split(g.weights, blocks, rows * k))
+        .zip(opt(g.probs).into_iter().zip(opt(g.logits)))
         .collect();
-    for_each_part(team_size(), parts, |_, ((dx, part), (dl, x))| {
-        // dx rows += dl row · Wr: E scaled rows of Wr added in place (no temporary: a product
-        // buffer of this size would be a fresh allocation, and its page faults, every call).
-        with_best_isa(
-            #[inline(always)]
-            || {
-                for (dx, dl) in dx.chunks_exact_mut(d).zip(dl.chunks_exact(e)) {
-                    for (&c, w) in dl.iter().zip(weight.chunks_exact(d)) {
-                        for (v, &u) in dx.iter_mut().zip(w) {
-                            *v += c * u;
+    try_for_each_part(team, parts, |b, part| {
+        let ((((((dx, part), x), probs), idx), gw), (gp, gl)) = part;
+        let m = rows.min(t.saturating_sub(b * rows));
+        // (a kernel called inside a task runs inline)
+        with_team(1, 0, || -> KResult<()> {
+            let mut dp = vec![T::ZERO; m * e];
+            route_weights_backward(gw, probs, m, e, idx, k, s.renormalize, &mut dp)?;
+            if gp.is_some() || coef.is_some() {
+                for (r, row) in dp.chunks_exact_mut(e.max(1)).enumerate() {
+                    if let Some(gp) = gp {
+                        for (v, &u) in row.iter_mut().zip(&gp[r * e..(r + 1) * e]) {
+                            *v += u;
+                        }
+                    }
+                    if let Some((c, share)) = coef {
+                        for (v, &f) in row.iter_mut().zip(share) {
+                            *v += c * f;
                         }
                     }
                 }
-            },
-        );
-        let m = dl.len() / e;
-        matmul(
-            e,
-            d,
-            m,
-            part,
-            d,
-            dl,
-            Strides::transposed(e),
-            x,
-            Strides::row_major(d),
-        );
-    });
+            }
+            let mut dl = vec![T::ZERO; m * e];
+            softmax_backward_rows(&dp, probs, m, e, &mut dl)?;
+            let inv_t = T::ONE / s.temperature;
+            if gl.is_some() || s.temperature != T::ONE {
+                for (i, v) in dl.iter_mut().enumerate() {
+                    let extra = gl.map_or(T::ZERO, |gl| gl[i]);
+                    *v = (*v + extra) * inv_t;
+                }
+            }
+            linear_backward_rows(&dl, x, s.weight, m, e, d, dx, part);
+            Ok(())
+        })
+    })?;
+    dweight.fill(T::ZERO);
     for part in partial.chunks_exact(e * d) {
         for (v, &u) in dweight.iter_mut().zip(part) {
             *v += u;
         }
     }
+    Ok(())
+}
+
+/// For the rows `dl [m, E]` of `x [m, d]`: `dx [m, d] += dl Wr` and `part [E, d] = dl^T x`.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward_rows<T: MlpReal>(
+    dl: &[T],
+    x: &[T],
+    weight: &[T],
+    m: usize,
+    e: usize,
+    d: usize,
+    dx: &mut [T],
+    part: &mut [T],
+) {
+    if m == 0 || e == 0 || d == 0 {
+        part.fill(T::ZERO);
+        return;
+    }
+    // dx rows += dl row · Wr: E scaled rows of Wr added in place (no temporary: a product buffer
+    // of this size would be a fresh allocation, and its page faults, every call).
+    with_best_isa(
+        #[inline(always)]
+        || {
+            for (dx, dl) in dx.chunks_exact_mut(d).zip(dl.chunks_exact(e)) {
+                for (&c, w) in dl.iter().zip(weight.chunks_exact(d)) {
+                    for (v, &u) in dx.iter_mut().zip(w) {
+                        *v += c * u;
+                    }
+                }
+            }
+        },
+    );
+    matmul(
+        e,
+        d,
+        m,
+        part,
+        d,
+        dl,
+        Strides::transposed(e),
+        x,
+        Strides::row_major(d),
+    );
 }
 
 #[cfg(test)]
@@ -299,5 +318,45 @@ mod tests {
         assert!(router_backward(&saved, 1, 2, 1, 3, &grads, &mut [0.0; 3], &mut dw).is_err()); // expert 2 of 2
         assert!(router_backward(&saved, 1, 2, 1, 3, &grads, &mut [0.0; 2], &mut dw).is_err());
         // dx size
+    }
+
+    /// Many rows over a team (blocks of rows on their threads) give the same `dx` as one thread,
+    /// and `dWr` up to the order of its block sums.
+    #[test]
+    fn blocks_of_rows_agree_with_one_thread() {
+        let (t, e, k, d) = (3001usize, 8usize, 2usize, 16usize);
+        let x = values(t * d, 11);
+        let w = values(e * d, 12);
+        let probs: Vec<f64> = values(t * e, 13).iter().map(|v| v.abs() + 0.01).collect();
+        let idx: Vec<i64> = (0..t * k).map(|i| ((i * 5 + i / k) % e) as i64).collect();
+        let (gw, gp, gl) = (values(t * k, 14), values(t * e, 15), values(t * e, 16));
+        let share = vec![1.0 / e as f64; e];
+        let saved = RouterSaved {
+            x: &x,
+            weight: &w,
+            probs: &probs,
+            idx: &idx,
+            renormalize: true,
+            temperature: 0.8,
+        };
+        let grads = RouterGrads {
+            weights: &gw,
+            probs: Some(&gp),
+            logits: Some(&gl),
+            balance: Some((0.3, &share[..])),
+        };
+        let run = |threads: usize| {
+            let (mut dx, mut dw) = (values(t * d, 17), vec![0.0; e * d]);
+            with_team(threads, 0, || {
+                router_backward(&saved, t, e, k, d, &grads, &mut dx, &mut dw).unwrap()
+            });
+            (dx, dw)
+        };
+        assert_eq!(router_team(4, t, e, d), 4);
+        let ((dx1, dw1), (dx4, dw4)) = (run(1), run(4));
+        assert_eq!(dx1, dx4);
+        for (a, b) in dw1.iter().zip(&dw4) {
+            assert!((a - b).abs() < 1e-9 * (1.0 + a.abs()), "{a} vs {b}");
+        }
     }
 }

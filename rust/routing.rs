@@ -26,6 +26,18 @@ pub fn topk_route<F: RankKey>(
     k: usize,
     out: &mut [i64],
 ) -> KResult<()> {
+    topk_route_from(probs, t, e, k, out, 0)
+}
+
+/// [`topk_route`] of rows numbered from `first_row` (for error messages: a block of a larger batch).
+pub(crate) fn topk_route_from<F: RankKey>(
+    probs: &[F],
+    t: usize,
+    e: usize,
+    k: usize,
+    out: &mut [i64],
+    first_row: usize,
+) -> KResult<()> {
     check_len("probs", probs.len(), t * e)?;
     check_len("out", out.len(), t * k)?;
     if k < 1 || k > e {
@@ -42,7 +54,7 @@ pub fn topk_route<F: RankKey>(
         .zip(probs.chunks(rows * e))
         .collect();
     try_for_each_part(team_size(), parts, |chunk, (out, probs)| {
-        let first = chunk * rows;
+        let first = first_row + chunk * rows;
         // Small k (the common case) and short rows get a fixed-size buffer the compiler unrolls;
         // longer rows take k max scans, or a selection and a sort for large k.
         match (k, e) {
@@ -259,6 +271,22 @@ pub fn topp_route<F: RankKey>(
     idx: &mut [i64],
     counts: &mut [i64],
 ) -> KResult<()> {
+    topp_route_from(probs, t, e, p, min_k, max_k, idx, counts, 0)
+}
+
+/// [`topp_route`] of rows numbered from `first_row` (for error messages: a block of a larger batch).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn topp_route_from<F: RankKey>(
+    probs: &[F],
+    t: usize,
+    e: usize,
+    p: &[f32],
+    min_k: usize,
+    max_k: usize,
+    idx: &mut [i64],
+    counts: &mut [i64],
+    first_row: usize,
+) -> KResult<()> {
     check_len("probs", probs.len(), t * e)?;
     check_len("idx", idx.len(), t * max_k)?;
     check_len("counts", counts.len(), t)?;
@@ -297,7 +325,7 @@ pub fn topp_route<F: RankKey>(
                     .enumerate()
                 {
                     if fill_keys(&mut keys, row, invalid_prob) {
-                        let row_no = chunk * rows + r;
+                        let row_no = first_row + chunk * rows + r;
                         let v = row
                             .iter()
                             .copied()

@@ -93,3 +93,22 @@ pub fn rows_per_task(rows: usize, work_per_row: usize, min_work: usize) -> usize
     let by_balance = rows.div_ceil(threads * 4);
     by_work.max(by_balance).max(1)
 }
+
+/// `v` cut into `blocks` consecutive pieces of `size` (the last ones shorter or empty).
+pub fn split<U>(v: &[U], blocks: usize, size: usize) -> Vec<&[U]> {
+    (0..blocks)
+        .map(|b| &v[(b * size).min(v.len())..((b + 1) * size).min(v.len())])
+        .collect()
+}
+
+/// [`split`] for a mutable slice.
+pub fn split_mut<U>(mut v: &mut [U], blocks: usize, size: usize) -> Vec<&mut [U]> {
+    let mut out = Vec::with_capacity(blocks);
+    for _ in 0..blocks {
+        let n = size.min(v.len());
+        let (head, rest) = std::mem::take(&mut v).split_at_mut(n);
+        out.push(head);
+        v = rest;
+    }
+    out
+}

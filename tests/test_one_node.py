@@ -202,3 +202,25 @@ def test_compiled_layer_composes_and_matches() -> None:
         out.append((y.detach(), layer.router.weight.grad.clone(), layer.experts.w2.grad.clone()))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_native_statistics_update_matches_the_python_one() -> None:
+    # The one-node forward updates the usage EMA and step count in Rust (float64 buffers); the
+    # composed layer in Python: the same buffers bit for bit, and the same reported stats, in
+    # training and in eval mode (no update), with a capacity that drops rows.
+    torch.manual_seed(3)
+    one = MoE(MoEConfig(dim=8, hidden=6, num_experts=5, k=2, capacity_factor=0.6, stats_beta=0.9))
+    composed = copy.deepcopy(one)
+    composed.one_node = False
+    assert one.stats.native_buffers() is not None
+    for step in range(4):
+        one.train(step < 3)
+        composed.train(step < 3)
+        x = torch.randn(2, 13, 8)
+        (_, a), (_, b) = one(x), composed(x)
+        assert _path(a) == "one-node" and _path(b) == "composed"
+        assert a.stats == b.stats and a.stats.as_dict() == b.stats.as_dict()
+        assert torch.equal(one.stats.ema, composed.stats.ema)
+        assert int(one.stats.steps) == int(composed.stats.steps) == min(step + 1, 3)
+    # float32 buffers (a layer cast with .float()) take the Python update on both paths
+    assert one.float().stats.native_buffers() is None

@@ -9,8 +9,12 @@ Here the layer runs behind one node: the router's whole forward in one native ca
 loss), the dispatch plan, the routed experts; its backward runs the routed experts' backward and
 then the router's whole backward (:mod:`moerust.ops.router_backward`: the routing weights'
 gradient comes out of the experts' backward, the balance loss's is added, then the softmax,
-temperature and linear) in one native call. On the torch backend the same steps run as the
-composed layer's own ops.
+temperature and linear) in one native call. With the Rust kernels the forward is itself one
+native call (router, dispatch plan, routed experts and the usage statistics' update, outputs
+allocated in Rust; ``moe_forward`` in ``rust/python.rs``), and so is the backward
+(``moe_backward``): on a small layer the Python between the kernels, run with its state pushed
+out of cache by them, cost more than the router's arithmetic. On the torch backend the same
+steps run as the composed layer's own ops.
 
 :meth:`moerust.nn.MoE.forward` takes this path for plain eager calls whose router selects in one
 op (:attr:`moerust.nn.Router.one_op`) and adds no training noise (see ``MoE._one_node``). The
@@ -23,7 +27,7 @@ token whose top experts are within rounding of each other may be routed differen
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -32,19 +36,44 @@ from .. import _backend
 from .._backend import numpy_view as _np
 from ..ops import _eager
 from ..ops.dispatch import Plan
-from ..ops.routed_experts import _routed_experts_backward_op, _routed_experts_impl, native_backward
-from ..ops.router_backward import native_args, router_backward
+from ..ops.routed_experts import _routed_experts_backward_op, _routed_experts_impl
+from ..ops.router_backward import router_backward
 from ..ops.router_softmax import _takes_kernel_op
 
 # (logits, probs, idx, counts, weights, share, balance) of routing x with a router weight.
 Route = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, ...]]
 
 
+class LayerCall(NamedTuple):
+    """What one call of :class:`RoutedLayer` needs besides its four tensors.
+
+    ``route`` and ``plan_of`` run the router and the dispatch plan on the composed path (each on
+    its backend); ``k``, ``topp`` (``(p, min_k, max_k)`` or None for top-k) and
+    ``capacity_factor`` (None: dropless) describe the same to the native forward. ``stats`` is
+    ``(ema, steps, beta, training)`` of the layer's :class:`~moerust.nn.RouterStats` (CPU float64
+    buffers) for the native forward to update, or None.
+    """
+
+    temperature: float
+    renormalize: bool
+    activation: str
+    balance_weight: float
+    route: Route
+    plan_of: Callable[[torch.Tensor, torch.Tensor], Plan]
+    k: int
+    topp: Optional[Tuple[float, int, int]]
+    capacity_factor: Optional[float]
+    stats: Optional[Tuple[torch.Tensor, torch.Tensor, float, bool]]
+
+
 class RoutedLayer(torch.autograd.Function):
-    """``(y, balance, logits, probs, weights) = RoutedLayer.apply(x, router_weight, w1, w2,
-    temperature, renormalize, route, plan_of, activation, out)``, all five differentiable as on
-    the composed path; ``out`` (a dict) receives ``"selection"`` = ``(idx, counts, share)`` and
-    ``"plan"``."""
+    """``(y, balance, weighted_balance, logits, probs, weights) = RoutedLayer.apply(x,
+    router_weight, w1, w2, call, out)`` with ``call`` a :class:`LayerCall`; all six are
+    differentiable as on the composed path (``weighted_balance = call.balance_weight *
+    balance``, computed here so that the layer's weighted loss needs no op of its own). ``out``
+    (a dict) receives ``"selection"`` = ``(idx, counts, share)``, ``"plan"`` and, when the native
+    forward updated the statistics, ``"usage"`` = ``(ema after the update, steps)``.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -53,30 +82,29 @@ class RoutedLayer(torch.autograd.Function):
         router_weight: torch.Tensor,
         w1: torch.Tensor,
         w2: torch.Tensor,
-        temperature: float,
-        renormalize: bool,
-        route: Route,
-        plan_of: Callable[[torch.Tensor, torch.Tensor], Plan],
-        activation: str,
+        call: LayerCall,
         out: Dict[str, Any],
     ) -> Tuple[torch.Tensor, ...]:
-        # The router's whole forward (one native call on the Rust backend).
-        logits, probs, idx, counts, weights, share, balance = route(x, router_weight)
-        plan = plan_of(idx, counts)
+        ctx.call = call
+        ctx.eager_call = True  # (see _eager.saved_tensors_die: ys is never handed out)
+        ctx.set_materialize_grads(False)
+        if _backend.rust_handles(x, router_weight, w1, w2):
+            return _native_forward(ctx, x, router_weight, w1, w2, call, out)
+        ctx.kept = None
+        # The router's whole forward (one call of its kernels or of the torch twin).
+        logits, probs, idx, counts, weights, share, balance = call.route(x, router_weight)
+        plan = call.plan_of(idx, counts)
         y, xs, h, ys = _routed_experts_impl(
-            x, weights, w1, w2, plan.row_token, plan.row_slot, plan.slot_row, plan.offsets, activation
+            x, weights, w1, w2, plan.row_token, plan.row_slot, plan.slot_row, plan.offsets, call.activation
         )  # fmt: skip
         out["selection"] = (idx, counts, share)
         out["plan"] = plan
-        ctx.temperature, ctx.renormalize, ctx.activation = temperature, renormalize, activation
         ctx.softmax_op = _takes_kernel_op(logits)  # the router's softmax path, for its backward
-        ctx.eager_call = True  # (see _eager.saved_tensors_die: ys is never handed out)
-        ctx.set_materialize_grads(False)
         ctx.save_for_backward(
             x, router_weight, w1, w2, probs, idx, share, weights, xs, h, ys,
             plan.row_token, plan.row_slot, plan.slot_row, plan.offsets,
         )  # fmt: skip
-        return y, balance, logits, probs, weights
+        return y, balance, call.balance_weight * balance, logits, probs, weights
 
     @staticmethod
     @once_differentiable  # the native backward builds no graph: differentiating it again raises
@@ -84,51 +112,110 @@ class RoutedLayer(torch.autograd.Function):
         ctx: Any,
         grad_y: Optional[torch.Tensor],
         grad_balance: Optional[torch.Tensor],
+        grad_weighted: Optional[torch.Tensor],
         grad_logits: Optional[torch.Tensor],
         grad_probs: Optional[torch.Tensor],
         grad_weights: Optional[torch.Tensor],
     ) -> Tuple[Optional[torch.Tensor], ...]:
-        saved = ctx.saved_tensors
-        x, router_weight, w1, w2, probs, idx, share, weights, xs, h, ys = saved[:11]
-        plan = saved[11:]
-        need_x, need_router, need_w1, need_w2 = ctx.needs_input_grad[:4]
+        call: LayerCall = ctx.call
+        saved = ctx.saved_tensors  # (also checks that no saved tensor was modified in place)
+        x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
+        need_x, need_router = ctx.needs_input_grad[:2]
         need_router_grads = need_x or need_router
+        if grad_weighted is not None:  # the weighted loss's gradient reaches the loss scaled
+            scaled = grad_weighted * call.balance_weight
+            grad_balance = scaled if grad_balance is None else grad_balance + scaled
         grad_weights, grad_probs, grad_logits = (
             None if g is None else g.contiguous() for g in (grad_weights, grad_probs, grad_logits)
         )
-        router_saved = (x, router_weight, probs, idx, share)
         dx = dweights = dw1 = dw2 = drouter = None
         if grad_y is not None:
             grad_y = grad_y.contiguous()
+            if ctx.kept is not None:  # the native forward's: one native call back
+                return _grads(ctx, *_native_backward(ctx, grad_y, grad_weights, grad_probs, grad_logits, grad_balance))
             overwrite = _eager.saved_tensors_die(ctx, grad_y, *saved)
-            outside = [g for g in (grad_weights, grad_probs, grad_logits) if g is not None]
-            if need_router_grads and _backend.rust_handles(grad_y, *saved, *outside):
-                # The experts' and the router's backward in one native call (the router's
-                # arguments are prepared now, while Python's own state is still in cache).
-                args, drouter = native_args(
-                    grad_probs, grad_logits, grad_balance, router_saved, ctx.renormalize, ctx.temperature
-                )  # fmt: skip
-                extra = None if grad_weights is None else _np(grad_weights)
-                dx, _, dw1, dw2 = native_backward(
-                    grad_y, xs, h, ys, weights, w1, w2, plan, ctx.activation, overwrite, (extra, args)
-                )  # fmt: skip
-                return _grads(ctx, dx, drouter, dw1, dw2)
             dx, dweights, dw1, dw2 = _routed_experts_backward_op(
-                grad_y, xs, h, ys, weights, w1, w2, *plan, ctx.activation, overwrite
+                grad_y, *saved[8:11], weights, w1, w2, *saved[11:], call.activation, overwrite
             )  # fmt: skip
         if grad_weights is not None:  # the weights were also used outside the layer
             dweights = grad_weights if dweights is None else dweights.add_(grad_weights)
         if need_router_grads and any(g is not None for g in (dweights, grad_balance, grad_probs, grad_logits)):
             if dweights is None:
                 dweights = torch.zeros_like(weights)
+            softmax_op = getattr(ctx, "softmax_op", None)
             dx, drouter = router_backward(
-                dweights, grad_probs, grad_logits, grad_balance, router_saved,
-                ctx.renormalize, ctx.temperature, ctx.softmax_op, dx,
+                dweights, grad_probs, grad_logits, grad_balance, (x, router_weight, probs, idx, share),
+                call.renormalize, call.temperature, _takes_kernel_op(probs) if softmax_op is None else softmax_op, dx,
             )  # fmt: skip
         return _grads(ctx, dx, drouter, dw1, dw2)
 
 
+def _native_forward(
+    ctx: Any,
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    call: LayerCall,
+    out: Dict[str, Any],
+) -> Tuple[torch.Tensor, ...]:
+    """The forward as one native call (``moe_forward`` in ``rust/python.rs``). The expert
+    buffers and the plan's arrays stay numpy arrays on ``ctx`` (nothing outside sees them); the
+    tensors handed out are saved as usual, so in-place changes to them are caught."""
+    arrays = (_np(x), _np(router_weight), _np(w1), _np(w2))
+    stats = None if call.stats is None else (call.stats[0].numpy(), call.stats[1].numpy()) + call.stats[2:]
+    dropped, capacity, steps, outputs = _backend.native_fn("moe_forward", x.dtype)(
+        *arrays, float(call.temperature), call.renormalize, call.k, call.topp, call.capacity_factor,
+        call.activation, float(call.balance_weight), stats, _backend.num_threads(),
+    )  # fmt: skip
+    balance, weighted, y, logits, probs, idx, counts, weights, share = (torch.from_numpy(a) for a in outputs[:9])
+    plan_counts, offsets, row_token, row_slot, slot_row = (torch.from_numpy(a) for a in outputs[9:14])
+    out["selection"] = (idx, counts, share)
+    out["plan"] = Plan(
+        counts=plan_counts, offsets=offsets, row_token=row_token, row_slot=row_slot, slot_row=slot_row,
+        dropped=int(dropped), num_experts=router_weight.shape[0], capacity=capacity,
+    )  # fmt: skip
+    if steps is not None:
+        out["usage"] = (outputs[17], steps)
+    ctx.save_for_backward(x, router_weight, w1, w2, probs, idx, share, weights)
+    # The numpy arrays of the saved tensors (already made) and of the kept buffers.
+    ctx.saved_arrays = arrays + tuple(outputs[i] for i in (4, 5, 8, 7))
+    ctx.kept = (outputs[14], outputs[15], outputs[16], tuple(outputs[i] for i in (11, 12, 13, 10)))
+    return y, balance, weighted, logits, probs, weights
+
+
+def _native_backward(
+    ctx: Any,
+    grad_y: torch.Tensor,
+    grad_weights: Optional[torch.Tensor],
+    grad_probs: Optional[torch.Tensor],
+    grad_logits: Optional[torch.Tensor],
+    grad_balance: Optional[torch.Tensor],
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(dx, d_router_weight, dw1, dw2)`` in one native call (``moe_backward``)."""
+    call: LayerCall = ctx.call
+    need_x, need_router = ctx.needs_input_grad[:2]
+    outside = [g for g in (grad_weights, grad_probs, grad_logits) if g is not None]
+    overwrite = _eager.saved_tensors_die(ctx, grad_y, *outside)
+    grads = (
+        None if grad_weights is None else _np(grad_weights),
+        None if grad_probs is None else _np(grad_probs),
+        None if grad_logits is None else _np(grad_logits),
+        None if grad_balance is None else float(grad_balance),
+    )
+    dx, drouter, dw1, dw2 = _backend.native_fn("moe_backward", grad_y.dtype)(
+        _np(grad_y), ctx.saved_arrays, ctx.kept, grads, call.renormalize, float(call.temperature),
+        call.activation, overwrite, need_x or need_router, _backend.num_threads(),
+    )  # fmt: skip
+    if not _eager.graph_kept():  # free the buffers now (the node may outlive its graph)
+        ctx.kept = ctx.saved_arrays = None
+    return (
+        torch.from_numpy(dx), None if drouter is None else torch.from_numpy(drouter),
+        torch.from_numpy(dw1), torch.from_numpy(dw2),
+    )  # fmt: skip
+
+
 def _grads(ctx: Any, *grads: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     """The backward's return: the four tensor inputs' gradients where asked for, then None for
-    the six non-tensor arguments."""
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,) * 6
+    the two non-tensor arguments."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None, None)

@@ -29,7 +29,7 @@ from ..ops import _checks, _eager
 from ..ops.dispatch import _dispatch_plan_impl
 from ..ops.experts import activate, hidden_rows
 from .losses import GlobalBatchBalance, entropy_loss, expert_counts, switch_loss, uniform_mse_loss, z_loss
-from .fused import RoutedLayer
+from .fused import LayerCall, RoutedLayer
 from .router import Router, RouterOutput
 from .stats import RouterStats, RoutingStats
 
@@ -233,8 +233,12 @@ class MoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, c.dim)
         y: Optional[torch.Tensor] = None
+        weights = c.loss_weights()
+        # The router op's balance loss, weighted, when the one-node path computed it.
+        weighted_balance: Optional[torch.Tensor] = None
+        usage = None
         if self._one_node(x2):
-            r, plan, y = self._one_node_forward(x2)
+            r, plan, y, weighted_balance, usage = self._one_node_forward(x2, weights["balance"])
         else:
             r = self.router(x2)
             plan = self._plan(r.idx, r.counts)
@@ -242,16 +246,22 @@ class MoE(nn.Module):
         # The losses and statistics need only the routing: on the composed path they run before
         # the expert kernels, whose buffers would otherwise have pushed this Python-heavy
         # bookkeeping out of cache.
-        weights = c.loss_weights()
         losses = self._losses(r, plan, assigned, weights)
         # Zero-weight losses are reported but left out of the sum (and of the backward).
-        terms = [w * losses[name] for name, w in weights.items() if w != 0]
+        terms = [
+            weighted_balance if name == "balance" and weighted_balance is not None else w * losses[name]
+            for name, w in weights.items()
+            if w != 0
+        ]
         weighted = sum(terms[1:], terms[0]) if terms else r.probs.new_zeros(())
-        if self.training:
+        if self.training and c.bias_balance:  # (the loads only feed the aux-loss-free bias)
             if self._load_since_step.device != plan.counts.device:
                 self._load_since_step = self._load_since_step.to(plan.counts.device)
             self._load_since_step.add_(plan.counts)
-        stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
+        if usage is not None:  # the native forward updated the statistics' buffers
+            stats = self.stats.record(plan.counts, usage[0], usage[1], x2.shape[0], assigned, plan.dropped)
+        else:
+            stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
         if y is None:
             y = self.experts.routed(x2, r.weights.to(x2.dtype), plan)
         if self.shared is not None:
@@ -286,16 +296,26 @@ class MoE(nn.Module):
             return False
         return _eager._plain_eager((x2, r.weight, self.experts.w1, self.experts.w2))
 
-    def _one_node_forward(self, x2: torch.Tensor) -> "tuple[RouterOutput, ops.Plan, torch.Tensor]":
-        r = self.router
+    def _one_node_forward(self, x2: torch.Tensor, balance_weight: float) -> tuple:
+        """``(routing, plan, y, weighted balance or None, usage or None)`` through
+        :class:`~moerust.nn.fused.RoutedLayer`."""
+        r, c = self.router, self.config
+        # The router op's balance loss is the layer's (see _losses) unless the global-batch loss
+        # replaces it in training or there is none: only then is its weighted value of use.
+        own_balance = c.balance == "switch" or (c.balance == "global" and not self.training)
+        call = LayerCall(
+            r.temperature, r.renormalize, self.experts.activation, balance_weight if own_balance else 0.0,
+            r.route_without_graph, self._unchecked_plan, r.k,
+            (r.p, r.min_k, r.max_k) if r.routing == "topp" else None, c.capacity_factor,
+            self.stats.native_buffers(),
+        )  # fmt: skip
         out: Dict[str, object] = {}
-        y, balance, logits, probs, weights = RoutedLayer.apply(
-            x2, r.weight, self.experts.w1, self.experts.w2, r.temperature, r.renormalize,
-            r.route_without_graph, self._unchecked_plan, self.experts.activation, out,
+        y, balance, weighted, logits, probs, weights = RoutedLayer.apply(
+            x2, r.weight, self.experts.w1, self.experts.w2, call, out
         )  # fmt: skip
         idx, counts, share = out["selection"]  # type: ignore[misc]
         routing = RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)
-        return routing, out["plan"], y  # type: ignore[return-value]
+        return routing, out["plan"], y, weighted if own_balance else None, out.get("usage")
 
     def _losses(self, r: RouterOutput, plan: ops.Plan, assigned: int, weights: Dict[str, float]) -> "Losses":
         # ``assigned``: the routed slots, kept or dropped by the plan's capacity.

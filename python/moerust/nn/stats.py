@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 
-@dataclasses.dataclass(frozen=True)
 class RoutingStats:
     """One forward pass's routing, as plain numbers.
 
@@ -20,17 +18,72 @@ class RoutingStats:
         usage_entropy: entropy of ``usage`` divided by ln E (1 = perfectly even, 0 = one expert).
         experts_per_token: mean number of experts a token was routed to (before capacity drops).
         dropped_fraction: share of assignments dropped by the capacity limit.
+
+    ``usage`` and ``usage_entropy`` are worked out from the EMA as it was after this pass when
+    first read: a layer's forward only records the numbers (it runs on every step of every layer,
+    and most steps nobody reads them).
     """
 
-    load: List[int]
-    usage: List[float]
-    usage_entropy: float
-    experts_per_token: float
-    dropped_fraction: float
+    __slots__ = ("experts_per_token", "dropped_fraction", "_load", "_ema", "_correction", "_usage", "_entropy")
+    FIELDS = ("load", "usage", "usage_entropy", "experts_per_token", "dropped_fraction")
+
+    def __init__(
+        self,
+        load: "List[int] | torch.Tensor",
+        usage: Optional[List[float]] = None,
+        usage_entropy: Optional[float] = None,
+        experts_per_token: float = 0.0,
+        dropped_fraction: float = 0.0,
+        *,
+        ema: "Optional[Sequence[float]]" = None,
+        correction: float = 1.0,
+    ) -> None:
+        """``load`` as a list (or a CPU tensor, read when first asked for); either ``usage``
+        (and optionally ``usage_entropy``) or the EMA after this pass, ``ema`` (a list or an
+        array; None before any training step: uniform usage), with its bias ``correction``
+        (usage = ema / correction)."""
+        self._load = load
+        self.experts_per_token = experts_per_token
+        self.dropped_fraction = dropped_fraction
+        self._ema, self._correction = ema, correction
+        self._usage, self._entropy = usage, usage_entropy
+
+    @property
+    def load(self) -> List[int]:
+        """Assignments per expert in this pass."""
+        if not isinstance(self._load, list):
+            self._load = self._load.tolist()
+        return self._load
+
+    @property
+    def usage(self) -> List[float]:
+        """Bias-corrected EMA of each expert's share of assignments."""
+        if self._usage is None:
+            ema = self._ema
+            if ema is None:
+                e = len(self.load)
+                self._usage = [1.0 / e] * e
+            else:
+                ema = ema.tolist() if hasattr(ema, "tolist") else ema
+                self._usage = [a / self._correction for a in ema]
+        return self._usage
+
+    @property
+    def usage_entropy(self) -> float:
+        """Entropy of :attr:`usage` divided by ln E."""
+        if self._entropy is None:
+            self._entropy = _entropy_of(self.usage)
+        return self._entropy
 
     def as_dict(self) -> Dict[str, object]:
         """The stats as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RoutingStats) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return "RoutingStats(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
 
 
 def normalized_entropy(shares: torch.Tensor) -> float:
@@ -68,30 +121,53 @@ class RouterStats(nn.Module):
             return [1.0 / self.num_experts] * self.num_experts
         return [a / (1.0 - self.beta**n) for a in ema]
 
-    def update(self, load: torch.Tensor, tokens: int, assigned: int, dropped: int) -> RoutingStats:
-        """Folds in one pass: ``load`` kept rows per expert, ``tokens`` T, ``assigned`` routed
-        slots before capacity, ``dropped`` slots dropped by it."""
+    def update(self, load: "torch.Tensor | List[int]", tokens: int, assigned: int, dropped: int) -> RoutingStats:
+        """Folds in one pass: ``load`` kept rows per expert (a tensor or a list), ``tokens`` T,
+        ``assigned`` routed slots before capacity, ``dropped`` slots dropped by it."""
         # E numbers: plain Python (one transfer each way) is cheaper than a dozen tiny torch ops,
-        # and this runs on every forward of every layer.
+        # and this runs on every forward of every layer; usage and entropy are left to the
+        # RoutingStats, computed if read.
         # (No autograd: the load is detached and the buffers never require grad.)
-        counts = [int(v) for v in load.detach().cpu().tolist()]
-        total = sum(counts)
-        e = self.num_experts
-        ema = self.ema.tolist()
+        counts = load if isinstance(load, list) else load.detach().cpu().tolist()
+        steps = int(self.steps)
         if self.training:
+            total = sum(counts)
+            e, beta = self.num_experts, self.beta
             share = [c / total for c in counts] if total > 0 else [1.0 / e] * e
-            beta = self.beta
-            ema = [beta * a + (1.0 - beta) * s for a, s in zip(ema, share)]
+            ema = [beta * a + (1.0 - beta) * s for a, s in zip(self.ema.tolist(), share)]
+            steps += 1
             _assign(self.ema, ema)
-            _assign(self.steps, int(self.steps) + 1)
-        usage = self._usage_of(ema)
+            _assign(self.steps, steps)
+        else:
+            ema = self.ema.tolist()
         return RoutingStats(
-            load=counts,
-            usage=usage,
-            usage_entropy=_entropy_of(usage),
+            counts,
             experts_per_token=assigned / tokens if tokens else 0.0,
             dropped_fraction=dropped / assigned if assigned else 0.0,
+            ema=ema if steps else None,
+            correction=1.0 - self.beta**steps,
         )
+
+
+    def record(self, load: torch.Tensor, ema: "Sequence[float]", steps: int, tokens: int, assigned: int, dropped: int) -> RoutingStats:
+        """The stats of a pass whose EMA and step count were already updated in place (by the
+        layer's native forward, with :meth:`update`'s formula): ``ema`` is the EMA after the
+        update, ``steps`` the step count; the other arguments as for :meth:`update`."""
+        return RoutingStats(
+            load,
+            experts_per_token=assigned / tokens if tokens else 0.0,
+            dropped_fraction=dropped / assigned if assigned else 0.0,
+            ema=ema if steps else None,
+            correction=1.0 - self.beta**steps,
+        )
+
+    def native_buffers(self) -> "Optional[tuple]":
+        """``(ema, steps, beta, training)`` for the layer's native forward to update, when the
+        buffers are CPU float64 / int64 tensors (else None: :meth:`update` runs instead)."""
+        ema, steps = self.ema, self.steps
+        if ema.dtype != torch.float64 or steps.dtype != torch.int64 or not (ema.is_cpu and steps.is_cpu):
+            return None
+        return ema, steps, self.beta, self.training
 
 
 def _assign(buffer: torch.Tensor, value: object) -> None:

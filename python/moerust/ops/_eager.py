@@ -28,6 +28,13 @@ def _plain_eager(args: tuple) -> bool:
     return True
 
 
+def graph_kept() -> bool:
+    """Whether the backward running now keeps its graph (``retain_graph``); True when torch cannot
+    tell (so callers keep what a later backward may need)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is None or bool(keep_graph())
+
+
 def saved_tensors_die(ctx: Any, *args: Any) -> bool:
     """Whether a backward running now, eagerly on the plain tensors ``args``, is the last use of
     the saved tensors of ``ctx``: its forward ran through :func:`differentiable`'s eager path
