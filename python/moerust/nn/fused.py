@@ -71,8 +71,9 @@ class RoutedLayer(torch.autograd.Function):
     router_weight, w1, w2, call, out)`` with ``call`` a :class:`LayerCall`; all six are
     differentiable as on the composed path (``weighted_balance = call.balance_weight *
     balance``, computed here so that the layer's weighted loss needs no op of its own). ``out``
-    (a dict) receives ``"selection"`` = ``(idx, counts, share)``, ``"plan"`` and, when the native
-    forward updated the statistics, ``"usage"`` = ``(ema after the update, steps)``.
+    (a dict) receives ``"selection"`` = ``(idx, counts, share)``, ``"plan"`` (the
+    :class:`~moerust.ops.Plan`, or after the native forward a :class:`PlanSummary`) and, when the
+    native forward updated the statistics, ``"usage"`` = ``(ema after the update, steps)``.
     """
 
     @staticmethod
@@ -122,17 +123,18 @@ class RoutedLayer(torch.autograd.Function):
         x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
         need_x, need_router = ctx.needs_input_grad[:2]
         need_router_grads = need_x or need_router
-        if grad_weighted is not None:  # the weighted loss's gradient reaches the loss scaled
-            scaled = grad_weighted * call.balance_weight
-            grad_balance = scaled if grad_balance is None else grad_balance + scaled
         grad_weights, grad_probs, grad_logits = (
             None if g is None else g.contiguous() for g in (grad_weights, grad_probs, grad_logits)
         )
+        if grad_y is not None and ctx.kept is not None:  # the native forward's: one native call back
+            balance = _balance_grad(grad_balance, grad_weighted, call.balance_weight)
+            return _grads(ctx, *_native_backward(ctx, grad_y.contiguous(), grad_weights, grad_probs, grad_logits, balance))
+        if grad_weighted is not None:  # the weighted loss's gradient reaches the loss scaled
+            scaled = grad_weighted * call.balance_weight
+            grad_balance = scaled if grad_balance is None else grad_balance + scaled
         dx = dweights = dw1 = dw2 = drouter = None
         if grad_y is not None:
             grad_y = grad_y.contiguous()
-            if ctx.kept is not None:  # the native forward's: one native call back
-                return _grads(ctx, *_native_backward(ctx, grad_y, grad_weights, grad_probs, grad_logits, grad_balance))
             overwrite = _eager.saved_tensors_die(ctx, grad_y, *saved)
             dx, dweights, dw1, dw2 = _routed_experts_backward_op(
                 grad_y, *saved[8:11], weights, w1, w2, *saved[11:], call.activation, overwrite
@@ -169,12 +171,8 @@ def _native_forward(
         call.activation, float(call.balance_weight), stats, _backend.num_threads(),
     )  # fmt: skip
     balance, weighted, y, logits, probs, idx, counts, weights, share = (torch.from_numpy(a) for a in outputs[:9])
-    plan_counts, offsets, row_token, row_slot, slot_row = (torch.from_numpy(a) for a in outputs[9:14])
     out["selection"] = (idx, counts, share)
-    out["plan"] = Plan(
-        counts=plan_counts, offsets=offsets, row_token=row_token, row_slot=row_slot, slot_row=slot_row,
-        dropped=int(dropped), num_experts=router_weight.shape[0], capacity=capacity,
-    )  # fmt: skip
+    out["plan"] = PlanSummary(torch.from_numpy(outputs[9]), outputs[14].shape[0], int(dropped), capacity)
     if steps is not None:
         out["usage"] = (outputs[17], steps)
     ctx.save_for_backward(x, router_weight, w1, w2, probs, idx, share, weights)
@@ -190,7 +188,7 @@ def _native_backward(
     grad_weights: Optional[torch.Tensor],
     grad_probs: Optional[torch.Tensor],
     grad_logits: Optional[torch.Tensor],
-    grad_balance: Optional[torch.Tensor],
+    grad_balance: Optional[float],
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """``(dx, d_router_weight, dw1, dw2)`` in one native call (``moe_backward``)."""
     call: LayerCall = ctx.call
@@ -201,7 +199,7 @@ def _native_backward(
         None if grad_weights is None else _np(grad_weights),
         None if grad_probs is None else _np(grad_probs),
         None if grad_logits is None else _np(grad_logits),
-        None if grad_balance is None else float(grad_balance),
+        grad_balance,
     )
     dx, drouter, dw1, dw2 = _backend.native_fn("moe_backward", grad_y.dtype)(
         _np(grad_y), ctx.saved_arrays, ctx.kept, grads, call.renormalize, float(call.temperature),
@@ -213,6 +211,26 @@ def _native_backward(
         torch.from_numpy(dx), None if drouter is None else torch.from_numpy(drouter),
         torch.from_numpy(dw1), torch.from_numpy(dw2),
     )  # fmt: skip
+
+
+def _balance_grad(grad_balance: Optional[torch.Tensor], grad_weighted: Optional[torch.Tensor], weight: float) -> Optional[float]:
+    """The balance loss's whole gradient as a number (its own, plus the weighted copy's times
+    the weight), or None when neither was used."""
+    if grad_balance is None and grad_weighted is None:
+        return None
+    total = 0.0 if grad_balance is None else float(grad_balance)
+    return total if grad_weighted is None else total + float(grad_weighted) * weight
+
+
+class PlanSummary(NamedTuple):
+    """What the layer reads of the dispatch plan after the native forward (the plan's index
+    arrays stay with the node): ``counts [E]`` rows kept per expert, the rows, the dropped slots
+    and the capacity used (None: dropless)."""
+
+    counts: torch.Tensor
+    num_rows: int
+    dropped: int
+    capacity: Optional[int]
 
 
 def _grads(ctx: Any, *grads: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:

@@ -29,7 +29,7 @@ from ..ops import _checks, _eager
 from ..ops.dispatch import _dispatch_plan_impl
 from ..ops.experts import activate, hidden_rows
 from .losses import GlobalBatchBalance, entropy_loss, expert_counts, switch_loss, uniform_mse_loss, z_loss
-from .fused import LayerCall, RoutedLayer
+from .fused import LayerCall, PlanSummary, RoutedLayer
 from .router import Router, RouterOutput
 from .stats import RouterStats, RoutingStats
 
@@ -317,7 +317,7 @@ class MoE(nn.Module):
         routing = RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)
         return routing, out["plan"], y, weighted if own_balance else None, out.get("usage")
 
-    def _losses(self, r: RouterOutput, plan: ops.Plan, assigned: int, weights: Dict[str, float]) -> "Losses":
+    def _losses(self, r: RouterOutput, plan: "ops.Plan | PlanSummary", assigned: int, weights: Dict[str, float]) -> "Losses":
         # ``assigned``: the routed slots, kept or dropped by the plan's capacity.
         c = self.config
         grad = torch.is_grad_enabled()
