@@ -224,3 +224,19 @@ def test_native_statistics_update_matches_the_python_one() -> None:
         assert int(one.stats.steps) == int(composed.stats.steps) == min(step + 1, 3)
     # float32 buffers (a layer cast with .float()) take the Python update on both paths
     assert one.float().stats.native_buffers() is None
+
+
+def test_inputs_of_any_rank_and_layout(backend: str) -> None:
+    # The one node takes x in its own shape (no view nodes around it): 1-D batches of one token,
+    # 4-D and non-contiguous inputs give the composed layer's values and gradients.
+    torch.manual_seed(4)
+    one = MoE(MoEConfig(dim=8, hidden=6, num_experts=4, shared_experts=1))
+    composed = copy.deepcopy(one)
+    composed.one_node = False
+    for x in (torch.randn(8), torch.randn(2, 3, 4, 8), torch.randn(2, 8, 5).transpose(1, 2)):
+        with moerust.use_backend(backend):
+            a, _, path_a = _step(one, x, 0, True)
+            b, _, path_b = _step(composed, x, 0, True)
+        assert (path_a, path_b) == ("one-node", "composed")
+        assert a[0].shape == x.shape and a[6].shape == x.shape  # y and x.grad
+        _assert_same(a, b, torch.float32)

@@ -68,7 +68,8 @@ class LayerCall(NamedTuple):
 
 class RoutedLayer(torch.autograd.Function):
     """``(y, balance, weighted_balance, logits, probs, weights) = RoutedLayer.apply(x,
-    router_weight, w1, w2, call, out)`` with ``call`` a :class:`LayerCall`; all six are
+    router_weight, w1, w2, call, out)`` for ``x [..., d]`` (``y`` of its shape, the router's
+    outputs ``[T, ...]`` over its rows) with ``call`` a :class:`LayerCall`; all six are
     differentiable as on the composed path (``weighted_balance = call.balance_weight *
     balance``, computed here so that the layer's weighted loss needs no op of its own). ``out``
     (a dict) receives ``"selection"`` = ``(idx, counts, share)``, ``"plan"`` (the
@@ -87,11 +88,13 @@ class RoutedLayer(torch.autograd.Function):
         out: Dict[str, Any],
     ) -> Tuple[torch.Tensor, ...]:
         ctx.call = call
+        ctx.x_shape = x.shape
         ctx.eager_call = True  # (see _eager.saved_tensors_die: ys is never handed out)
         ctx.set_materialize_grads(False)
         if _backend.rust_handles(x, router_weight, w1, w2):
             return _native_forward(ctx, x, router_weight, w1, w2, call, out)
         ctx.kept = None
+        x = x.reshape(-1, x.shape[-1])
         # The router's whole forward (one call of its kernels or of the torch twin).
         logits, probs, idx, counts, weights, share, balance = call.route(x, router_weight)
         plan = call.plan_of(idx, counts)
@@ -105,7 +108,7 @@ class RoutedLayer(torch.autograd.Function):
             x, router_weight, w1, w2, probs, idx, share, weights, xs, h, ys,
             plan.row_token, plan.row_slot, plan.slot_row, plan.offsets,
         )  # fmt: skip
-        return y, balance, call.balance_weight * balance, logits, probs, weights
+        return y.reshape(ctx.x_shape), balance, call.balance_weight * balance, logits, probs, weights
 
     @staticmethod
     @once_differentiable  # the native backward builds no graph: differentiating it again raises
@@ -121,6 +124,7 @@ class RoutedLayer(torch.autograd.Function):
         call: LayerCall = ctx.call
         saved = ctx.saved_tensors  # (also checks that no saved tensor was modified in place)
         x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
+        x = x.reshape(-1, x.shape[-1])  # (the native forward saves x in its own shape)
         need_x, need_router = ctx.needs_input_grad[:2]
         need_router_grads = need_x or need_router
         grad_weights, grad_probs, grad_logits = (
@@ -134,7 +138,7 @@ class RoutedLayer(torch.autograd.Function):
             grad_balance = scaled if grad_balance is None else grad_balance + scaled
         dx = dweights = dw1 = dw2 = drouter = None
         if grad_y is not None:
-            grad_y = grad_y.contiguous()
+            grad_y = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
             overwrite = _eager.saved_tensors_die(ctx, grad_y, *saved)
             dx, dweights, dw1, dw2 = _routed_experts_backward_op(
                 grad_y, *saved[8:11], weights, w1, w2, *saved[11:], call.activation, overwrite
@@ -149,7 +153,7 @@ class RoutedLayer(torch.autograd.Function):
                 dweights, grad_probs, grad_logits, grad_balance, (x, router_weight, probs, idx, share),
                 call.renormalize, call.temperature, _takes_kernel_op(probs) if softmax_op is None else softmax_op, dx,
             )  # fmt: skip
-        return _grads(ctx, dx, drouter, dw1, dw2)
+        return _grads(ctx, None if dx is None else dx.reshape(ctx.x_shape), drouter, dw1, dw2)
 
 
 def _native_forward(
@@ -164,12 +168,13 @@ def _native_forward(
     """The forward as one native call (``moe_forward`` in ``rust/python.rs``). The expert
     buffers and the plan's arrays stay numpy arrays on ``ctx`` (nothing outside sees them); the
     tensors handed out are saved as usual, so in-place changes to them are caught."""
-    arrays = (_np(x), _np(router_weight), _np(w1), _np(w2))
+    arrays = (_np(x).reshape(-1, x.shape[-1]), _np(router_weight), _np(w1), _np(w2))
     stats = None if call.stats is None else (call.stats[0].numpy(), call.stats[1].numpy()) + call.stats[2:]
     dropped, capacity, steps, outputs = _backend.native_fn("moe_forward", x.dtype)(
         *arrays, float(call.temperature), call.renormalize, call.k, call.topp, call.capacity_factor,
         call.activation, float(call.balance_weight), stats, _backend.num_threads(),
     )  # fmt: skip
+    outputs[2] = outputs[2].reshape(ctx.x_shape)  # y, in x's shape
     balance, weighted, y, logits, probs, idx, counts, weights, share = (torch.from_numpy(a) for a in outputs[:9])
     out["selection"] = (idx, counts, share)
     out["plan"] = PlanSummary(torch.from_numpy(outputs[9]), outputs[14].shape[0], int(dropped), capacity)
@@ -202,13 +207,13 @@ def _native_backward(
         grad_balance,
     )
     dx, drouter, dw1, dw2 = _backend.native_fn("moe_backward", grad_y.dtype)(
-        _np(grad_y), ctx.saved_arrays, ctx.kept, grads, call.renormalize, float(call.temperature),
+        _np(grad_y).reshape(-1, grad_y.shape[-1]), ctx.saved_arrays, ctx.kept, grads, call.renormalize, float(call.temperature),
         call.activation, overwrite, need_x or need_router, _backend.num_threads(),
     )  # fmt: skip
     if not _eager.graph_kept():  # free the buffers now (the node may outlive its graph)
         ctx.kept = ctx.saved_arrays = None
     return (
-        torch.from_numpy(dx), None if drouter is None else torch.from_numpy(drouter),
+        torch.from_numpy(dx.reshape(ctx.x_shape)), None if drouter is None else torch.from_numpy(drouter),
         torch.from_numpy(dw1), torch.from_numpy(dw2),
     )  # fmt: skip
 

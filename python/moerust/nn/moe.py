@@ -230,18 +230,19 @@ class MoE(nn.Module):
         c = self.config
         if x.shape[-1] != c.dim:
             raise ValueError(f"x must have {c.dim} features (config.dim), got shape {tuple(x.shape)}")
-        shape = x.shape
-        x2 = x.reshape(-1, c.dim)
         y: Optional[torch.Tensor] = None
         weights = c.loss_weights()
         # The router op's balance loss, weighted, when the one-node path computed it.
         weighted_balance: Optional[torch.Tensor] = None
         usage = None
-        if self._one_node(x2):
-            r, plan, y, weighted_balance, usage = self._one_node_forward(x2, weights["balance"])
+        if self._one_node(x):
+            # (x and y keep their shape: no view nodes around the layer's one node)
+            r, plan, y, weighted_balance, usage = self._one_node_forward(x, weights["balance"])
         else:
+            x2 = x.reshape(-1, c.dim)
             r = self.router(x2)
             plan = self._plan(r.idx, r.counts)
+        tokens = r.probs.shape[0]
         assigned = plan.num_rows + plan.dropped  # every routed slot is kept or dropped
         # The losses and statistics need only the routing: on the composed path they run before
         # the expert kernels, whose buffers would otherwise have pushed this Python-heavy
@@ -259,14 +260,14 @@ class MoE(nn.Module):
                 self._load_since_step = self._load_since_step.to(plan.counts.device)
             self._load_since_step.add_(plan.counts)
         if usage is not None:  # the native forward updated the statistics' buffers
-            stats = self.stats.record(plan.counts, usage[0], usage[1], x2.shape[0], assigned, plan.dropped)
+            stats = self.stats.record(plan.counts, usage[0], usage[1], tokens, assigned, plan.dropped)
         else:
-            stats = self.stats.update(plan.counts, x2.shape[0], assigned, plan.dropped)
+            stats = self.stats.update(plan.counts, tokens, assigned, plan.dropped)
         if y is None:
-            y = self.experts.routed(x2, r.weights.to(x2.dtype), plan)
+            y = self.experts.routed(x2, r.weights.to(x2.dtype), plan).reshape(x.shape)
         if self.shared is not None:
-            y = y + self.shared(x2)
-        return y.reshape(shape), MoEAux(losses, weighted, stats, r)
+            y = y + self.shared(x)
+        return y, MoEAux(losses, weighted, stats, r)
 
     def _plan(self, idx: torch.Tensor, counts: torch.Tensor, checked: bool = True) -> ops.Plan:
         """The dispatch plan of a routing (``counts``: experts per token), with this layer's
@@ -285,20 +286,20 @@ class MoE(nn.Module):
     def _unchecked_plan(self, idx: torch.Tensor, counts: torch.Tensor) -> ops.Plan:
         return self._plan(idx, counts, checked=False)
 
-    def _one_node(self, x2: torch.Tensor) -> bool:
+    def _one_node(self, x: torch.Tensor) -> bool:
         """Whether this call can take the one-node path (:mod:`moerust.nn.fused`): a plain eager
         call whose router selects in one op (:attr:`Router.one_op`) and adds no training noise,
         with no hooks on the router and its weights in ``x``'s dtype."""
         r = self.router
         if not self.one_node or not r.one_op or (r.training and (r.noise_std > 0 or r.jitter > 0)):
             return False
-        if r._forward_hooks or r._forward_pre_hooks or r.weight.dtype != x2.dtype:
+        if r._forward_hooks or r._forward_pre_hooks or r.weight.dtype != x.dtype:
             return False
-        return _eager._plain_eager((x2, r.weight, self.experts.w1, self.experts.w2))
+        return _eager._plain_eager((x, r.weight, self.experts.w1, self.experts.w2))
 
-    def _one_node_forward(self, x2: torch.Tensor, balance_weight: float) -> tuple:
+    def _one_node_forward(self, x: torch.Tensor, balance_weight: float) -> tuple:
         """``(routing, plan, y, weighted balance or None, usage or None)`` through
-        :class:`~moerust.nn.fused.RoutedLayer`."""
+        :class:`~moerust.nn.fused.RoutedLayer` (``x [..., dim]``, ``y`` of its shape)."""
         r, c = self.router, self.config
         # The router op's balance loss is the layer's (see _losses) unless the global-batch loss
         # replaces it in training or there is none: only then is its weighted value of use.
@@ -311,7 +312,7 @@ class MoE(nn.Module):
         )  # fmt: skip
         out: Dict[str, object] = {}
         y, balance, weighted, logits, probs, weights = RoutedLayer.apply(
-            x2, r.weight, self.experts.w1, self.experts.w2, call, out
+            x, r.weight, self.experts.w1, self.experts.w2, call, out
         )  # fmt: skip
         idx, counts, share = out["selection"]  # type: ignore[misc]
         routing = RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)
