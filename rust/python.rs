@@ -424,12 +424,8 @@ macro_rules! routed_expert_kernels {
 
         /// Backward of the routed experts from `grad [T, d]` into `dx [T, d]`, `dweights [T, K]`,
         /// `dw1` and `dw2`. `grad_ys` (`[R, d]` scratch) may be None: the gradient of the expert
-        /// outputs then overwrites `ys`. `grad_xs` (`[R, d]`) is scratch. `router`: see below.
+        /// outputs then overwrites `ys`. `grad_xs` (`[R, d]`) is scratch.
         #[pyfunction]
-        #[pyo3(signature = (
-            grad, saved, ys, grad_ys, weights, plan, w1, w2, activation, grad_xs, outputs, threads,
-            router=None
-        ))]
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $bwd<'py>(
             py: Python<'py>,
@@ -450,7 +446,6 @@ macro_rules! routed_expert_kernels {
                 PyReadwriteArray3<'py, $t>,
             ),
             threads: usize,
-            router: Option<(Option<PyReadonlyArray2<'py, $t>>, RouterArgs<'py, $t>)>,
         ) -> PyResult<()> {
             let (xs, h) = saved;
             let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
@@ -479,41 +474,11 @@ macro_rules! routed_expert_kernels {
                 slice_mut!(dw1, "dw1"),
                 slice_mut!(dw2, "dw2"),
             );
-            // With `router` (the one-node layer: `(extra gradient of the weights, RouterArgs)`),
-            // the router's whole backward follows in the same call, from the routing weights'
-            // gradient just computed: no Python runs between the two.
-            let mut router = router;
-            let router = match router.as_mut() {
-                Some((extra, args)) => {
-                    let extra = match extra {
-                        Some(a) => Some(slice!(a, "grad_weights")),
-                        None => None,
-                    };
-                    Some((extra, router_views(args)?))
-                }
-                None => None,
-            };
             let experts_work = 2 * mlp_work(&s);
-            Ok(py.detach(|| -> KResult<()> {
-                with_team(threads, experts_work, || {
-                    routed_experts::routed_experts_backward(
-                        &s, g, t, saved, target, wv, view, a, b, gxs, dxv, dwv, da, db,
-                    )
-                })?;
-                if let Some((extra, (rs, mut rg, dims, dweight))) = router {
-                    if let Some(extra) = extra {
-                        crate::error::check_len("grad_weights", extra.len(), dwv.len())?;
-                        for (v, &u) in dwv.iter_mut().zip(extra) {
-                            *v += u;
-                        }
-                    }
-                    rg.weights = dwv;
-                    let [t, e, k, d] = dims;
-                    with_team(threads, 0, || {
-                        router_backward::router_backward(&rs, t, e, k, d, &rg, dxv, dweight)
-                    })?;
-                }
-                Ok(())
+            Ok(run_team(py, threads, experts_work, || {
+                routed_experts::routed_experts_backward(
+                    &s, g, t, saved, target, wv, view, a, b, gxs, dxv, dwv, da, db,
+                )
             })?)
         }
     };

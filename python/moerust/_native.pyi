@@ -106,12 +106,10 @@ def routed_experts_forward_f64(
 def routed_experts_backward_f32(
     grad: _F32, saved: Tuple[_F32, _F32], ys: _F32, grad_ys: Optional[_F32], weights: _F32, plan: _Plan,
     w1: _F32, w2: _F32, activation: str, grad_xs: _F32, outputs: Tuple[_F32, _F32, _F32, _F32], threads: int,
-    router: Optional[Tuple[Optional[_F32], _RouterArgs32]] = None,
 ) -> None: ...
 def routed_experts_backward_f64(
     grad: _F64, saved: Tuple[_F64, _F64], ys: _F64, grad_ys: Optional[_F64], weights: _F64, plan: _Plan,
     w1: _F64, w2: _F64, activation: str, grad_xs: _F64, outputs: Tuple[_F64, _F64, _F64, _F64], threads: int,
-    router: Optional[Tuple[Optional[_F64], _RouterArgs64]] = None,
 ) -> None: ...
 _Stats = Tuple[_F64, _I64, float, bool]  # ema [E], steps (0-d), beta, training
 def moe_forward_f32(

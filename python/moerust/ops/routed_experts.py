@@ -114,12 +114,8 @@ def native_backward(
     plan: Tensors4,
     activation: str,
     overwrite_ys: bool,
-    router: Optional[Tuple[Any, ...]] = None,
 ) -> Tensors4:
-    """The Rust backward of :func:`_routed_experts_backward_op` (CPU tensors it handles);
-    ``router`` (the MoE layer's one-node path: ``(extra weights gradient, router arguments)``,
-    see :mod:`moerust.ops.router_backward`) runs the router's backward in the same call, and
-    ``dx`` then includes the router's part."""
+    """The Rust backward of :func:`_routed_experts_backward_op` (CPU tensors it handles)."""
     rows, d = xs.shape
     grad_ys = None if overwrite_ys else _backend.empty(rows, d, dtype=xs.dtype).numpy()
     outputs = (
@@ -131,7 +127,7 @@ def native_backward(
     _backend.native_fn("routed_experts_backward", xs.dtype)(
         _np(grad), (_np(xs), _np(h)), _np(ys), grad_ys, _np(weights), tuple(_np(p) for p in plan),
         _np(w1), _np(w2), activation, _backend.empty(rows, d, dtype=xs.dtype).numpy(),
-        tuple(o.numpy() for o in outputs), _backend.num_threads(), router,
+        tuple(o.numpy() for o in outputs), _backend.num_threads(),
     )  # fmt: skip
     return outputs
 
