@@ -76,8 +76,9 @@ class RoutingStats:
         return self._entropy
 
     def as_dict(self) -> Dict[str, object]:
-        """The stats as a JSON-ready dict."""
-        return {name: getattr(self, name) for name in self.FIELDS}
+        """The stats as a JSON-ready dict (lists copied)."""
+        values = {name: getattr(self, name) for name in self.FIELDS}
+        return {name: list(v) if isinstance(v, list) else v for name, v in values.items()}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RoutingStats) and self.as_dict() == other.as_dict()
