@@ -21,9 +21,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List
 
-import torch
 
-from .timing import warm_process
+from .timing import layer_step_args
 
 PUBLIC_OPS = ["softmax", "topk_route", "topp_route", "route_weights", "topk_router", "topp_router", "dispatch_plan", "gather", "combine", "expert_mlp", "routed_experts"]
 BACKWARD_KERNELS = [
@@ -79,11 +78,7 @@ def instrument(total: Dict[str, float], calls: Dict[str, int]) -> None:
 
 
 def main(argv: List[str]) -> int:
-    threads = int(argv[0])
-    variant = argv[1] if len(argv) > 1 else "moerust"
-    dims = [int(v) for v in argv[2:7]] if len(argv) > 2 else [64, 256, 8, 2, 1024]
-    torch.set_num_threads(threads)
-    warm_process()
+    threads, variant, dims = layer_step_args(argv)
     from .test_bench_moe import build
 
     step, _ = build(variant, *dims)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, List, Tuple
 
-import torch
 
-from .timing import warm_process
+from .timing import layer_step_args
 
 Event = Tuple[str, int, int]
 
@@ -48,11 +47,7 @@ def instrument(events: List[Event]) -> None:
 
 
 def main(argv: List[str]) -> int:
-    threads = int(argv[0])
-    variant = argv[1] if len(argv) > 1 else "moerust"
-    dims = [int(v) for v in argv[2:7]] if len(argv) > 2 else [64, 256, 8, 2, 1024]
-    torch.set_num_threads(threads)
-    warm_process()
+    threads, variant, dims = layer_step_args(argv)
     from moerust import _native
 
     from .test_bench_moe import build

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 
 def times_ms(fn: Callable[[], object], reps: int, warmup: int) -> List[float]:
@@ -44,3 +44,16 @@ def warm_process(seconds: float = 1.0) -> None:
         plan = ops.dispatch_plan(idx, 64)
         ops.combine(ops.gather(x, plan), probs.gather(1, idx), plan).sum().backward()
         a @ a
+
+
+def layer_step_args(argv: List[str]) -> Tuple[int, str, List[int]]:
+    """``THREADS [VARIANT [d ff E k T]]`` of the layer-step scripts (default: moerust, the d=64
+    config): sets torch's thread count and warms the process; returns the three."""
+    import torch
+
+    threads = int(argv[0])
+    variant = argv[1] if len(argv) > 1 else "moerust"
+    dims = [int(v) for v in argv[2:7]] if len(argv) > 2 else [64, 256, 8, 2, 1024]
+    torch.set_num_threads(threads)
+    warm_process()
+    return threads, variant, dims

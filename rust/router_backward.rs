@@ -202,19 +202,27 @@ mod tests {
         let (gw, gp, gl) = (values(t * k, 3), values(t * e, 4), values(t * e, 5));
         let (gb, temp) = (0.7, 0.5);
         let idx: Vec<i64> = vec![0, 2, 1, -1, 3, 0, 2, 2, 1, 3];
-        let forward = |x: &[f64], w: &[f64]| -> f64 {
-            let mut loss = 0.0;
-            let mut probs = vec![0.0; t * e];
+        // (logits, probs) of the router by hand
+        let route = |x: &[f64], w: &[f64]| -> (Vec<f64>, Vec<f64>) {
+            let (mut logits, mut probs) = (vec![0.0; t * e], vec![0.0; t * e]);
             for r in 0..t {
-                let logits: Vec<f64> = (0..e)
-                    .map(|j| (0..d).map(|c| x[r * d + c] * w[j * d + c]).sum::<f64>() / temp)
-                    .collect();
-                let m = logits.iter().cloned().fold(f64::MIN, f64::max);
-                let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
-                for j in 0..e {
-                    probs[r * e + j] = (logits[j] - m).exp() / z;
-                    loss += gp[r * e + j] * probs[r * e + j] + gl[r * e + j] * logits[j];
+                let l = &mut logits[r * e..(r + 1) * e];
+                for (j, v) in l.iter_mut().enumerate() {
+                    *v = (0..d).map(|c| x[r * d + c] * w[j * d + c]).sum::<f64>() / temp;
                 }
+                let m = l.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = l.iter().map(|v| (v - m).exp()).sum();
+                for j in 0..e {
+                    probs[r * e + j] = (l[j] - m).exp() / z;
+                }
+            }
+            (logits, probs)
+        };
+        let forward = |x: &[f64], w: &[f64]| -> f64 {
+            let (logits, probs) = route(x, w);
+            let mut loss = 0.0;
+            for i in 0..t * e {
+                loss += gp[i] * probs[i] + gl[i] * logits[i];
             }
             let mut wts = vec![0.0; t * k];
             route_weights(&probs, t, e, &idx, k, true, &mut wts).unwrap();
@@ -232,17 +240,7 @@ mod tests {
             loss
         };
         // the forward's probabilities and shares
-        let mut probs = vec![0.0; t * e];
-        for r in 0..t {
-            let l: Vec<f64> = (0..e)
-                .map(|j| (0..d).map(|c| x[r * d + c] * w[j * d + c]).sum::<f64>() / temp)
-                .collect();
-            let m = l.iter().cloned().fold(f64::MIN, f64::max);
-            let z: f64 = l.iter().map(|v| (v - m).exp()).sum();
-            for j in 0..e {
-                probs[r * e + j] = (l[j] - m).exp() / z;
-            }
-        }
+        let probs = route(&x, &w).1;
         let share = [2.0 / 9.0, 2.0 / 9.0, 3.0 / 9.0, 2.0 / 9.0];
         let saved = RouterSaved {
             x: &x,

@@ -7,11 +7,13 @@
 //! backward's counterpart is `router_backward`.
 
 use crate::balance::{balance_finish, balance_partial};
-use crate::error::{check_len, value_err, KResult};
+use crate::error::{check_len, KResult};
 use crate::expert_mlp::{matmul, MlpReal, Strides};
 use crate::omp_team::{for_each_part, try_for_each_part};
 use crate::route_weights::route_weights;
-use crate::routing::{topk_route_from, topp_route_from, RankKey, ROUTE_COST};
+use crate::routing::{
+    check_threshold_count, topk_route_from, topp_route_from, RankKey, ROUTE_COST,
+};
 use crate::softmax::softmax_rows;
 use crate::threads::{resolve_threads, rows_per_task, split, split_mut, team_size, with_team};
 
@@ -82,12 +84,8 @@ pub fn router_forward<T: MlpReal + RankKey>(
             counts,
         } => {
             check_len("counts", counts.len(), t)?;
-            if p.len() != 1 && p.len() != t {
-                return value_err(format!(
-                    "p must hold 1 threshold or one per row ({t}), got {}",
-                    p.len()
-                ));
-            }
+            // (before the thresholds are cut into blocks)
+            check_threshold_count(p, t)?;
             (None, p, (min_k, max_k), Some(counts))
         }
     };

@@ -274,6 +274,17 @@ pub fn topp_route<F: RankKey>(
     topp_route_from(probs, t, e, p, min_k, max_k, idx, counts, 0)
 }
 
+/// Top-p takes one threshold, or one per row of `t`.
+pub(crate) fn check_threshold_count(p: &[f32], t: usize) -> KResult<()> {
+    if p.len() != 1 && p.len() != t {
+        return value_err(format!(
+            "p must hold 1 threshold or one per row ({t}), got {}",
+            p.len()
+        ));
+    }
+    Ok(())
+}
+
 /// [`topp_route`] of rows numbered from `first_row` (for error messages: a block of a larger batch).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn topp_route_from<F: RankKey>(
@@ -290,12 +301,7 @@ pub(crate) fn topp_route_from<F: RankKey>(
     check_len("probs", probs.len(), t * e)?;
     check_len("idx", idx.len(), t * max_k)?;
     check_len("counts", counts.len(), t)?;
-    if p.len() != 1 && p.len() != t {
-        return value_err(format!(
-            "p must hold 1 threshold or one per row ({t}), got {}",
-            p.len()
-        ));
-    }
+    check_threshold_count(p, t)?;
     if let Some(bad) = p.iter().find(|v| !(0.0..=1.0).contains(*v)) {
         return value_err(format!("p must be in [0, 1], got {bad}"));
     }

@@ -141,19 +141,13 @@ class RouterStats(nn.Module):
             _assign(self.steps, steps)
         else:
             ema = self.ema.tolist()
-        return RoutingStats(
-            counts,
-            experts_per_token=assigned / tokens if tokens else 0.0,
-            dropped_fraction=dropped / assigned if assigned else 0.0,
-            ema=ema if steps else None,
-            correction=1.0 - self.beta**steps,
-        )
+        return self.record(counts, ema, steps, tokens, assigned, dropped)
 
 
-    def record(self, load: torch.Tensor, ema: "Sequence[float]", steps: int, tokens: int, assigned: int, dropped: int) -> RoutingStats:
-        """The stats of a pass whose EMA and step count were already updated in place (by the
-        layer's native forward, with :meth:`update`'s formula): ``ema`` is the EMA after the
-        update, ``steps`` the step count; the other arguments as for :meth:`update`."""
+    def record(self, load: "torch.Tensor | List[int]", ema: "Sequence[float]", steps: int, tokens: int, assigned: int, dropped: int) -> RoutingStats:
+        """The stats of a pass whose EMA and step count were already updated in place (by
+        :meth:`update`, or by the layer's native forward with its formula): ``ema`` is the EMA
+        after the update, ``steps`` the step count; the other arguments as for :meth:`update`."""
         return RoutingStats(
             load,
             experts_per_token=assigned / tokens if tokens else 0.0,
