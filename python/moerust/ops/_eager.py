@@ -41,13 +41,11 @@ def saved_tensors_die(ctx: Any, *args: Any) -> bool:
     (whose callers keep only the outputs they return, never internal ones), and the backward
     frees the graph (no ``retain_graph``) and builds none (no ``create_graph``). A backward kernel
     may then overwrite an internal saved buffer it no longer needs."""
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return (
         getattr(ctx, "eager_call", False)
-        and keep_graph is not None
         and not torch.is_grad_enabled()
         and _plain_eager(args)
-        and not keep_graph()
+        and not graph_kept()
     )
 
 
