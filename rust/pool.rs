@@ -191,9 +191,87 @@ pub fn clear() -> usize {
     freed
 }
 
+/// Element types for which every bit pattern is a valid value (a pooled block's contents are
+/// zeroes or whatever its last user wrote).
+///
+/// # Safety
+/// Implement only for types without invalid bit patterns, padding or drop glue.
+pub unsafe trait Plain: Copy + Send + Sync + 'static {}
+// SAFETY: plain numbers: every bit pattern is a value, no padding, no drop glue.
+unsafe impl Plain for f32 {}
+// SAFETY: as above.
+unsafe impl Plain for f64 {}
+// SAFETY: as above.
+unsafe impl Plain for i64 {}
+
+/// A buffer of `len` elements on a pooled block, owned by Rust code (kernel scratch, or buffers a
+/// layer keeps between its forward and backward calls); the block goes back to the pool on drop.
+/// Contents are unspecified until written.
+pub struct PoolVec<T: Plain> {
+    block: Option<Block>,
+    len: usize,
+    _elem: std::marker::PhantomData<T>,
+}
+
+impl<T: Plain> PoolVec<T> {
+    /// A buffer of `len` elements; None if the size overflows or memory is exhausted.
+    pub fn new(len: usize) -> Option<Self> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .filter(|&b| b <= isize::MAX as usize / 2)?;
+        Some(Self {
+            block: Some(take(bytes)?),
+            len,
+            _elem: std::marker::PhantomData,
+        })
+    }
+
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        let block = self
+            .block
+            .as_ref()
+            .expect("a PoolVec holds its block until dropped");
+        // SAFETY: the block is aligned to ALIGN (>= align_of::<T>()), at least
+        // len * size_of::<T>() bytes long and initialised (zeroed when allocated, written since),
+        // T is Plain (any bits are a value), and `&self` keeps the block alive and unaliased by
+        // writers for the borrow's life.
+        unsafe { std::slice::from_raw_parts(block.as_ptr() as *const T, self.len) }
+    }
+
+    /// The elements, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        let block = self
+            .block
+            .as_mut()
+            .expect("a PoolVec holds its block until dropped");
+        // SAFETY: as in `as_slice`; `&mut self` makes this the only access for the borrow's life.
+        unsafe { std::slice::from_raw_parts_mut(block.as_ptr() as *mut T, self.len) }
+    }
+}
+
+impl<T: Plain> Drop for PoolVec<T> {
+    fn drop(&mut self) {
+        if let Some(block) = self.block.take() {
+            give(block);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_vec_round_trips_through_the_pool() {
+        let mut v = PoolVec::<f64>::new(1000).unwrap();
+        assert_eq!(v.as_slice().len(), 1000);
+        v.as_mut_slice().fill(2.5);
+        assert!(v.as_slice().iter().all(|&x| x == 2.5));
+        assert!(PoolVec::<i64>::new(usize::MAX / 4).is_none());
+        let empty = PoolVec::<f32>::new(0).unwrap();
+        assert!(empty.as_slice().is_empty());
+    }
 
     #[test]
     fn size_classes_bound_the_slack() {

@@ -787,14 +787,69 @@ fn expert_capacity(factor: Option<f64>, routed: usize, e: usize) -> Option<usize
     factor.map(|f| (f * routed as f64 / e as f64).ceil() as usize)
 }
 
-/// The arrays the one-node forward keeps for its backward besides the layer's inputs:
-/// `(xs, h, ys, (row_token, row_slot, slot_row, offsets))`.
-type KeptArrays<'py, T> = (
-    PyReadonlyArray2<'py, T>,
-    PyReadonlyArray2<'py, T>,
-    PyReadwriteArray2<'py, T>,
-    PlanArrays<'py>,
-);
+/// What the one-node forward keeps for its backward besides the layer's inputs and router
+/// outputs: the expert buffers `xs [R, d]`, `h [R, H1]`, `ys [R, d]` and the dispatch plan.
+struct Kept<T: pool::Plain> {
+    xs: pool::PoolVec<T>,
+    h: pool::PoolVec<T>,
+    ys: pool::PoolVec<T>,
+    plan: dispatch::Plan,
+}
+
+/// The one-node layer's kept buffers ([`Kept`]) as one opaque Python object, held by the
+/// autograd node between the forward and backward calls. Why not numpy arrays: nothing outside
+/// the node reads them, and seven arrays (each with its owner object, and borrow checks when
+/// passed back) cost more per step than a small layer's kernels.
+#[pyclass(module = "moerust._native")]
+struct LayerBuffers {
+    kept: KeptOf,
+}
+
+/// [`Kept`] of either float type.
+enum KeptOf {
+    F32(Kept<f32>),
+    F64(Kept<f64>),
+}
+
+/// Wraps and unwraps [`Kept`] of one float type in [`KeptOf`].
+trait KeptFloat: pool::Plain + Sized {
+    fn wrap(kept: Kept<Self>) -> KeptOf;
+    fn unwrap(kept: &mut KeptOf) -> Option<&mut Kept<Self>>;
+}
+
+impl KeptFloat for f32 {
+    fn wrap(kept: Kept<f32>) -> KeptOf {
+        KeptOf::F32(kept)
+    }
+    fn unwrap(kept: &mut KeptOf) -> Option<&mut Kept<f32>> {
+        match kept {
+            KeptOf::F32(k) => Some(k),
+            KeptOf::F64(_) => None,
+        }
+    }
+}
+
+impl KeptFloat for f64 {
+    fn wrap(kept: Kept<f64>) -> KeptOf {
+        KeptOf::F64(kept)
+    }
+    fn unwrap(kept: &mut KeptOf) -> Option<&mut Kept<f64>> {
+        match kept {
+            KeptOf::F64(k) => Some(k),
+            KeptOf::F32(_) => None,
+        }
+    }
+}
+
+/// A pooled buffer of `len` elements, or MemoryError.
+fn pool_vec<T: pool::Plain>(len: usize) -> PyResult<pool::PoolVec<T>> {
+    pool::PoolVec::new(len).ok_or_else(|| {
+        PyMemoryError::new_err(format!(
+            "cannot allocate {len} elements of {} bytes",
+            std::mem::size_of::<T>()
+        ))
+    })
+}
 
 /// The layer's saved inputs and router outputs: `(x, router_weight, w1, w2, probs, idx, share,
 /// weights)`.
@@ -826,9 +881,10 @@ macro_rules! moe_layer_kernels {
         /// the kernels of the separate calls, in their order — with every output allocated here.
         /// With `stats = (ema [E], steps (0-d), beta, training)` the usage EMA and step count
         /// are updated in place from the plan's counts (`usage::ema_update`, when training).
-        /// Returns `(dropped, capacity, steps, [balance loss (0-d), balance_weight * loss (0-d),
-        /// y, logits, probs, idx, counts, weights, share, plan counts, offsets, row_token,
-        /// row_slot, slot_row, xs, h, ys, ema after the update (with stats)])`.
+        /// Returns `(dropped, capacity, steps, ema after the update (a list, with stats), plan
+        /// counts (a list), [balance loss (0-d), balance_weight * loss (0-d), y, logits, probs,
+        /// idx, counts, weights, share], kept)`: `kept` (a [`LayerBuffers`]) holds the expert
+        /// buffers and the plan for the backward.
         #[pyfunction]
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $fwd<'py>(
@@ -851,7 +907,15 @@ macro_rules! moe_layer_kernels {
                 bool,
             )>,
             threads: usize,
-        ) -> PyResult<(i64, Option<usize>, Option<i64>, Vec<Bound<'py, PyAny>>)> {
+        ) -> PyResult<(
+            i64,
+            Option<usize>,
+            Option<i64>,
+            Option<Vec<f64>>,
+            Vec<i64>,
+            Vec<Bound<'py, PyAny>>,
+            Bound<'py, LayerBuffers>,
+        )> {
             let (t, d, e) = (x.shape()[0], x.shape()[1], router_weight.shape()[0]);
             let (s1, s2) = (w1.shape(), w2.shape());
             if router_weight.shape()[1] != d || s1[0] != e || s2[0] != e || s1[2] != d || s2[1] != d
@@ -933,27 +997,21 @@ macro_rules! moe_layer_kernels {
             };
             // The routed experts.
             let s = mlp_shape(&[plan.row_token.len(), d], s2, activation)?;
-            let xs = pooled::<$t>(py, &[s.r, d])?;
-            let h = pooled::<$t>(py, &[s.r, s1[1]])?;
-            let ys = pooled::<$t>(py, &[s.r, d])?;
+            let mut xs = pool_vec::<$t>(s.r * d)?;
+            let mut h = pool_vec::<$t>(s.r * s1[1])?;
+            let mut ys = pool_vec::<$t>(s.r * d)?;
             let y = pooled::<$t>(py, &[t, d])?;
             {
                 let wt = weights.readonly();
-                let (mut xsw, mut hw, mut ysw, mut yw) =
-                    (xs.readwrite(), h.readwrite(), ys.readwrite(), y.readwrite());
+                let mut yw = y.readwrite();
                 let wv = slice!(wt, "weights");
                 let (xsv, hv, ysv, yv) = (
-                    slice_mut!(xsw, "xs"),
-                    slice_mut!(hw, "h"),
-                    slice_mut!(ysw, "ys"),
+                    xs.as_mut_slice(),
+                    h.as_mut_slice(),
+                    ys.as_mut_slice(),
                     slice_mut!(yw, "y"),
                 );
-                let view = PlanView {
-                    row_token: &plan.row_token,
-                    row_slot: &plan.row_slot,
-                    slot_row: &plan.slot_row,
-                    offsets: &plan.offsets,
-                };
+                let view = PlanView::from(&plan);
                 run_team(py, threads, mlp_work(&s), || {
                     routed_experts::routed_experts_forward(
                         &s, xv, t, wv, view, a, b, xsv, hv, ysv, yv,
@@ -977,14 +1035,14 @@ macro_rules! moe_layer_kernels {
                     sv[0] += 1;
                 }
                 steps = Some(sv[0]);
-                ema_now = Some(PyArray1::from_slice(py, ev).into_any());
+                ema_now = Some(ev.to_vec());
             }
             let dropped = plan.dropped;
-            let slot_row = i64_array(py, plan.slot_row).reshape([t, slots])?;
+            let plan_counts = plan.counts.clone();
             let loss = loss as $t;
             let scalar =
                 |v: $t| numpy::PyArray::from_owned_array(py, numpy::ndarray::arr0(v)).into_any();
-            let mut arrays = vec![
+            let arrays = vec![
                 scalar(loss),
                 scalar(balance_weight as $t * loss),
                 y.into_any(),
@@ -994,17 +1052,19 @@ macro_rules! moe_layer_kernels {
                 counts.into_any(),
                 weights.into_any(),
                 share.into_any(),
-                i64_array(py, plan.counts).into_any(),
-                i64_array(py, plan.offsets).into_any(),
-                i64_array(py, plan.row_token).into_any(),
-                i64_array(py, plan.row_slot).into_any(),
-                slot_row.into_any(),
-                xs.into_any(),
-                h.into_any(),
-                ys.into_any(),
             ];
-            arrays.extend(ema_now);
-            Ok((dropped, capacity, steps, arrays))
+            let kept = LayerBuffers {
+                kept: <$t>::wrap(Kept { xs, h, ys, plan }),
+            };
+            Ok((
+                dropped,
+                capacity,
+                steps,
+                ema_now,
+                plan_counts,
+                arrays,
+                Bound::new(py, kept)?,
+            ))
         }
 
         /// The one-node layer's backward in one call, from `grad [T, d]` (the gradient of `y`),
@@ -1019,7 +1079,7 @@ macro_rules! moe_layer_kernels {
             py: Python<'py>,
             grad: PyReadonlyArray2<'py, $t>,
             saved: LayerSaved<'py, $t>,
-            kept: KeptArrays<'py, $t>,
+            kept: &Bound<'py, LayerBuffers>,
             outside: OutsideGrads<'py, $t>,
             renormalize: bool,
             temperature: $t,
@@ -1034,10 +1094,12 @@ macro_rules! moe_layer_kernels {
             Bound<'py, PyAny>,
         )> {
             let (x, router_weight, w1, w2, probs, idx, share, weights) = saved;
-            let (xs, h, mut ys, plan) = kept;
+            let mut kept = kept.try_borrow_mut()?;
+            let Kept { xs, h, ys, plan } = <$t>::unwrap(&mut kept.kept)
+                .ok_or_else(|| PyTypeError::new_err("kept: buffers of another dtype"))?;
             let (grad_weights, grad_probs, grad_logits, grad_balance) = outside;
-            let s = mlp_shape(xs.shape(), w2.shape(), activation)?;
             let (t, e, k, d) = (x.shape()[0], probs.shape()[1], idx.shape()[1], x.shape()[1]);
+            let s = mlp_shape(&[plan.row_token.len(), d], w2.shape(), activation)?;
             let dx = pooled::<$t>(py, &[t, d])?;
             let dw1 = pooled::<$t>(py, w1.shape())?;
             let dw2 = pooled::<$t>(py, w2.shape())?;
@@ -1046,34 +1108,29 @@ macro_rules! moe_layer_kernels {
             } else {
                 None
             };
-            let grad_xs = pooled::<$t>(py, &[s.r, d])?;
-            let grad_ys = if overwrite_ys {
+            let mut grad_xs = pool_vec::<$t>(s.r * d)?;
+            let mut grad_ys = if overwrite_ys {
                 None
             } else {
-                Some(pooled::<$t>(py, &[s.r, d])?)
+                Some(pool_vec::<$t>(s.r * d)?)
             };
             let mut dweights = vec![<$t>::default(); t * k];
             {
-                let (mut dxw, mut dw1w, mut dw2w, mut gxw) = (
-                    dx.readwrite(),
-                    dw1.readwrite(),
-                    dw2.readwrite(),
-                    grad_xs.readwrite(),
-                );
+                let (mut dxw, mut dw1w, mut dw2w) =
+                    (dx.readwrite(), dw1.readwrite(), dw2.readwrite());
                 let mut dwrw = dwr.as_ref().map(|a| a.readwrite());
-                let mut gyw = grad_ys.as_ref().map(|a| a.readwrite());
-                let target = match gyw.as_mut() {
+                let target = match grad_ys.as_mut() {
                     Some(scratch) => GradYs::Scratch {
-                        ys: slice!(ys, "ys"),
-                        grad_ys: slice_mut!(scratch, "grad_ys"),
+                        ys: ys.as_slice(),
+                        grad_ys: scratch.as_mut_slice(),
                     },
-                    None => GradYs::OverYs(slice_mut!(ys, "ys")),
+                    None => GradYs::OverYs(ys.as_mut_slice()),
                 };
                 let (dxv, da, db, gxs) = (
                     slice_mut!(dxw, "dx"),
                     slice_mut!(dw1w, "dw1"),
                     slice_mut!(dw2w, "dw2"),
-                    slice_mut!(gxw, "grad_xs"),
+                    grad_xs.as_mut_slice(),
                 );
                 let dwrv = match dwrw.as_mut() {
                     Some(a) => Some(slice_mut!(a, "d_router_weight")),
@@ -1085,8 +1142,8 @@ macro_rules! moe_layer_kernels {
                     slice!(w2, "w2"),
                     slice!(weights, "weights"),
                 );
-                let kept = (slice!(xs, "xs"), slice!(h, "h"));
-                let view = plan_view(&plan)?;
+                let kept = (xs.as_slice(), h.as_slice());
+                let view = PlanView::from(&*plan);
                 let rs = RouterSaved {
                     x: slice!(x, "x"),
                     weight: slice!(router_weight, "router_weight"),
@@ -1366,6 +1423,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TILE_EMPTY", window_mask::TILE_EMPTY)?;
     m.add("TILE_PARTIAL", window_mask::TILE_PARTIAL)?;
     m.add("TILE_FULL", window_mask::TILE_FULL)?;
+    m.add_class::<LayerBuffers>()?;
     m.add_function(wrap_pyfunction!(switch_balance_f32, m)?)?;
     m.add_function(wrap_pyfunction!(switch_balance_f64, m)?)?;
     m.add_function(wrap_pyfunction!(router_backward_f32, m)?)?;

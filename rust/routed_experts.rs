@@ -25,6 +25,17 @@ pub struct PlanView<'a> {
     pub offsets: &'a [i64],
 }
 
+impl<'a> From<&'a dispatch::Plan> for PlanView<'a> {
+    fn from(plan: &'a dispatch::Plan) -> Self {
+        Self {
+            row_token: &plan.row_token,
+            row_slot: &plan.row_slot,
+            slot_row: &plan.slot_row,
+            offsets: &plan.offsets,
+        }
+    }
+}
+
 /// Forward for `x [T, d]` and slot weights `weights [T, K]`: `xs [R, d]` (gathered rows), `h [R, H1]`
 /// (pre-activations), `ys [R, d]` (expert outputs) — kept for the backward — and `y [T, d]`.
 #[allow(clippy::too_many_arguments)]

@@ -204,6 +204,26 @@ def test_compiled_layer_composes_and_matches() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_kept_buffers_live_in_rust_until_the_backward() -> None:
+    # The native forward keeps the expert buffers and the plan in one Rust object on the node,
+    # freed by the backward that frees the graph; a backward of another dtype refuses it.
+    from moerust import _native
+
+    layer = MoE(MoEConfig(dim=8, hidden=6, num_experts=4))
+    x = torch.randn(10, 8, requires_grad=True)
+    with moerust.use_backend("rust"):
+        y, aux = layer(x)
+        node = y.grad_fn
+        assert isinstance(node.kept, _native.LayerBuffers)
+        y64, _ = copy.deepcopy(layer).double()(x.detach().double())
+        args = (torch.ones(10, 8).numpy(), node.saved_arrays, y64.grad_fn.kept, (None, None, None, None))
+        with pytest.raises(TypeError, match="kept"):
+            _native.moe_backward_f32(*args, True, 1.0, "swiglu", False, True, 1)
+        (y.sum() + aux.weighted).backward()
+    assert node.kept is None
+    assert x.grad is not None and layer.experts.w1.grad is not None
+
+
 def test_native_statistics_update_matches_the_python_one() -> None:
     # The one-node forward updates the usage EMA and step count in Rust (float64 buffers); the
     # composed layer in Python: the same buffers bit for bit, and the same reported stats, in

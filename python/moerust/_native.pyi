@@ -112,23 +112,31 @@ def routed_experts_backward_f64(
     w1: _F64, w2: _F64, activation: str, grad_xs: _F64, outputs: Tuple[_F64, _F64, _F64, _F64], threads: int,
 ) -> None: ...
 _Stats = Tuple[_F64, _I64, float, bool]  # ema [E], steps (0-d), beta, training
+
+class LayerBuffers:
+    """What the one-node forward keeps for its backward (expert buffers and dispatch plan),
+    owned by Rust; opaque."""
+
+# (dropped, capacity, steps, ema after the update, plan counts, [balance, weighted balance, y,
+# logits, probs, idx, counts, weights, share], kept)
+_LayerForward = Tuple[int, Optional[int], Optional[int], Optional[List[float]], List[int], List[npt.NDArray[Any]], LayerBuffers]
 def moe_forward_f32(
     x: _F32, router_weight: _F32, w1: _F32, w2: _F32, temperature: float, renormalize: bool, k: int,
     topp: Optional[Tuple[float, int, int]], capacity_factor: Optional[float], activation: str,
     balance_weight: float, stats: Optional[_Stats], threads: int,
-) -> Tuple[int, Optional[int], Optional[int], List[npt.NDArray[Any]]]: ...
+) -> _LayerForward: ...
 def moe_forward_f64(
     x: _F64, router_weight: _F64, w1: _F64, w2: _F64, temperature: float, renormalize: bool, k: int,
     topp: Optional[Tuple[float, int, int]], capacity_factor: Optional[float], activation: str,
     balance_weight: float, stats: Optional[_Stats], threads: int,
-) -> Tuple[int, Optional[int], Optional[int], List[npt.NDArray[Any]]]: ...
+) -> _LayerForward: ...
 def moe_backward_f32(
-    grad: _F32, saved: Tuple[_F32, _F32, _F32, _F32, _F32, _I64, _F32, _F32], kept: Tuple[_F32, _F32, _F32, _Plan],
+    grad: _F32, saved: Tuple[_F32, _F32, _F32, _F32, _F32, _I64, _F32, _F32], kept: LayerBuffers,
     outside: Tuple[Optional[_F32], Optional[_F32], Optional[_F32], Optional[float]], renormalize: bool,
     temperature: float, activation: str, overwrite_ys: bool, router: bool, threads: int,
 ) -> Tuple[_F32, Optional[_F32], _F32, _F32]: ...
 def moe_backward_f64(
-    grad: _F64, saved: Tuple[_F64, _F64, _F64, _F64, _F64, _I64, _F64, _F64], kept: Tuple[_F64, _F64, _F64, _Plan],
+    grad: _F64, saved: Tuple[_F64, _F64, _F64, _F64, _F64, _I64, _F64, _F64], kept: LayerBuffers,
     outside: Tuple[Optional[_F64], Optional[_F64], Optional[_F64], Optional[float]], renormalize: bool,
     temperature: float, activation: str, overwrite_ys: bool, router: bool, threads: int,
 ) -> Tuple[_F64, Optional[_F64], _F64, _F64]: ...

@@ -27,7 +27,7 @@ token whose top experts are within rounding of each other may be routed differen
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -111,49 +111,61 @@ class RoutedLayer(torch.autograd.Function):
         return y.reshape(ctx.x_shape), balance, call.balance_weight * balance, logits, probs, weights
 
     @staticmethod
-    @once_differentiable  # the native backward builds no graph: differentiating it again raises
-    def backward(  # type: ignore[override]
-        ctx: Any,
-        grad_y: Optional[torch.Tensor],
-        grad_balance: Optional[torch.Tensor],
-        grad_weighted: Optional[torch.Tensor],
-        grad_logits: Optional[torch.Tensor],
-        grad_probs: Optional[torch.Tensor],
-        grad_weights: Optional[torch.Tensor],
-    ) -> Tuple[Optional[torch.Tensor], ...]:
-        call: LayerCall = ctx.call
-        saved = ctx.saved_tensors  # (also checks that no saved tensor was modified in place)
-        x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
-        x = x.reshape(-1, x.shape[-1])  # (the native forward saves x in its own shape)
-        need_x, need_router = ctx.needs_input_grad[:2]
-        need_router_grads = need_x or need_router
-        grad_weights, grad_probs, grad_logits = (
-            None if g is None else g.contiguous() for g in (grad_weights, grad_probs, grad_logits)
-        )
-        if grad_y is not None and ctx.kept is not None:  # the native forward's: one native call back
-            balance = _balance_grad(grad_balance, grad_weighted, call.balance_weight)
-            return _grads(ctx, *_native_backward(ctx, grad_y.contiguous(), grad_weights, grad_probs, grad_logits, balance))
-        if grad_weighted is not None:  # the weighted loss's gradient reaches the loss scaled
-            scaled = grad_weighted * call.balance_weight
-            grad_balance = scaled if grad_balance is None else grad_balance + scaled
-        dx = dweights = dw1 = dw2 = drouter = None
-        if grad_y is not None:
-            grad_y = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
-            overwrite = _eager.saved_tensors_die(ctx, grad_y, *saved)
-            dx, dweights, dw1, dw2 = _routed_experts_backward_op(
-                grad_y, *saved[8:11], weights, w1, w2, *saved[11:], call.activation, overwrite
-            )  # fmt: skip
-        if grad_weights is not None:  # the weights were also used outside the layer
-            dweights = grad_weights if dweights is None else dweights.add_(grad_weights)
-        if need_router_grads and any(g is not None for g in (dweights, grad_balance, grad_probs, grad_logits)):
-            if dweights is None:
-                dweights = torch.zeros_like(weights)
-            softmax_op = getattr(ctx, "softmax_op", None)
-            dx, drouter = router_backward(
-                dweights, grad_probs, grad_logits, grad_balance, (x, router_weight, probs, idx, share),
-                call.renormalize, call.temperature, _takes_kernel_op(probs) if softmax_op is None else softmax_op, dx,
-            )  # fmt: skip
-        return _grads(ctx, None if dx is None else dx.reshape(ctx.x_shape), drouter, dw1, dw2)
+    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        # The backward builds no graph: under create_graph=True (grad mode on) it runs through
+        # once_differentiable, so that differentiating it again raises; otherwise grad mode is
+        # already off and it runs directly (once_differentiable's no_grad block costs more than
+        # a small layer's kernels).
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, *grads)
+        return _backward(ctx, *grads)
+
+
+def _backward(
+    ctx: Any,
+    grad_y: Optional[torch.Tensor],
+    grad_balance: Optional[torch.Tensor],
+    grad_weighted: Optional[torch.Tensor],
+    grad_logits: Optional[torch.Tensor],
+    grad_probs: Optional[torch.Tensor],
+    grad_weights: Optional[torch.Tensor],
+) -> Tuple[Optional[torch.Tensor], ...]:
+    call: LayerCall = ctx.call
+    saved = ctx.saved_tensors  # (also checks that no saved tensor was modified in place)
+    x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
+    x = x.reshape(-1, x.shape[-1])  # (the native forward saves x in its own shape)
+    need_x, need_router = ctx.needs_input_grad[:2]
+    need_router_grads = need_x or need_router
+    grad_weights, grad_probs, grad_logits = (
+        None if g is None else g.contiguous() for g in (grad_weights, grad_probs, grad_logits)
+    )
+    if grad_y is not None and ctx.kept is not None:  # the native forward's: one native call back
+        balance = _balance_grad(grad_balance, grad_weighted, call.balance_weight)
+        return _grads(ctx, *_native_backward(ctx, grad_y.contiguous(), grad_weights, grad_probs, grad_logits, balance))
+    if grad_weighted is not None:  # the weighted loss's gradient reaches the loss scaled
+        scaled = grad_weighted * call.balance_weight
+        grad_balance = scaled if grad_balance is None else grad_balance + scaled
+    dx = dweights = dw1 = dw2 = drouter = None
+    if grad_y is not None:
+        grad_y = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
+        overwrite = _eager.saved_tensors_die(ctx, grad_y, *saved)
+        dx, dweights, dw1, dw2 = _routed_experts_backward_op(
+            grad_y, *saved[8:11], weights, w1, w2, *saved[11:], call.activation, overwrite
+        )  # fmt: skip
+    if grad_weights is not None:  # the weights were also used outside the layer
+        dweights = grad_weights if dweights is None else dweights.add_(grad_weights)
+    if need_router_grads and any(g is not None for g in (dweights, grad_balance, grad_probs, grad_logits)):
+        if dweights is None:
+            dweights = torch.zeros_like(weights)
+        softmax_op = getattr(ctx, "softmax_op", None)
+        dx, drouter = router_backward(
+            dweights, grad_probs, grad_logits, grad_balance, (x, router_weight, probs, idx, share),
+            call.renormalize, call.temperature, _takes_kernel_op(probs) if softmax_op is None else softmax_op, dx,
+        )  # fmt: skip
+    return _grads(ctx, None if dx is None else dx.reshape(ctx.x_shape), drouter, dw1, dw2)
+
+
+_backward_once = once_differentiable(_backward)
 
 
 def _native_forward(
@@ -166,24 +178,25 @@ def _native_forward(
     out: Dict[str, Any],
 ) -> Tuple[torch.Tensor, ...]:
     """The forward as one native call (``moe_forward`` in ``rust/python.rs``). The expert
-    buffers and the plan's arrays stay numpy arrays on ``ctx`` (nothing outside sees them); the
-    tensors handed out are saved as usual, so in-place changes to them are caught."""
+    buffers and the plan's arrays stay in Rust, in one opaque object on ``ctx`` (nothing outside
+    sees them); the tensors handed out are saved as usual, so in-place changes to them are
+    caught."""
     arrays = (_np(x).reshape(-1, x.shape[-1]), _np(router_weight), _np(w1), _np(w2))
     stats = None if call.stats is None else (call.stats[0].numpy(), call.stats[1].numpy()) + call.stats[2:]
-    dropped, capacity, steps, outputs = _backend.native_fn("moe_forward", x.dtype)(
+    dropped, capacity, steps, ema, plan_counts, outputs, kept = _backend.native_fn("moe_forward", x.dtype)(
         *arrays, float(call.temperature), call.renormalize, call.k, call.topp, call.capacity_factor,
         call.activation, float(call.balance_weight), stats, _backend.num_threads(),
     )  # fmt: skip
     outputs[2] = outputs[2].reshape(ctx.x_shape)  # y, in x's shape
-    balance, weighted, y, logits, probs, idx, counts, weights, share = (torch.from_numpy(a) for a in outputs[:9])
+    balance, weighted, y, logits, probs, idx, counts, weights, share = (torch.from_numpy(a) for a in outputs)
     out["selection"] = (idx, counts, share)
-    out["plan"] = PlanSummary(torch.from_numpy(outputs[9]), outputs[14].shape[0], int(dropped), capacity)
+    out["plan"] = PlanSummary(plan_counts, sum(plan_counts), dropped, capacity)
     if steps is not None:
-        out["usage"] = (outputs[17], steps)
+        out["usage"] = (ema, steps)
     ctx.save_for_backward(x, router_weight, w1, w2, probs, idx, share, weights)
-    # The numpy arrays of the saved tensors (already made) and of the kept buffers.
-    ctx.saved_arrays = arrays + tuple(outputs[i] for i in (4, 5, 8, 7))
-    ctx.kept = (outputs[14], outputs[15], outputs[16], tuple(outputs[i] for i in (11, 12, 13, 10)))
+    # The numpy arrays of the saved tensors (already made), and the buffers kept in Rust.
+    ctx.saved_arrays = arrays + (outputs[4], outputs[5], outputs[8], outputs[7])
+    ctx.kept = kept
     return y, balance, weighted, logits, probs, weights
 
 
@@ -229,10 +242,10 @@ def _balance_grad(grad_balance: Optional[torch.Tensor], grad_weighted: Optional[
 
 class PlanSummary(NamedTuple):
     """What the layer reads of the dispatch plan after the native forward (the plan's index
-    arrays stay with the node): ``counts [E]`` rows kept per expert, the rows, the dropped slots
-    and the capacity used (None: dropless)."""
+    arrays stay with the node): ``counts`` rows kept per expert (a list of E ints), the rows,
+    the dropped slots and the capacity used (None: dropless)."""
 
-    counts: torch.Tensor
+    counts: List[int]
     num_rows: int
     dropped: int
     capacity: Optional[int]

@@ -256,9 +256,10 @@ class MoE(nn.Module):
         ]
         weighted = sum(terms[1:], terms[0]) if terms else r.probs.new_zeros(())
         if self.training and c.bias_balance:  # (the loads only feed the aux-loss-free bias)
-            if self._load_since_step.device != plan.counts.device:
-                self._load_since_step = self._load_since_step.to(plan.counts.device)
-            self._load_since_step.add_(plan.counts)
+            load = torch.as_tensor(plan.counts)  # (a list after the native forward)
+            if self._load_since_step.device != load.device:
+                self._load_since_step = self._load_since_step.to(load.device)
+            self._load_since_step.add_(load)
         if usage is not None:  # the native forward updated the statistics' buffers
             stats = self.stats.record(plan.counts, usage[0], usage[1], tokens, assigned, plan.dropped)
         else:
