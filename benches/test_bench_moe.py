@@ -77,6 +77,7 @@ def build(variant: str, d: int, ff: int, e: int, k: int, t: int) -> Tuple[Callab
         if routing == "topp":
             info["p"] = calibrate_p(layer, x)
         backend = "torch" if variant == "moerust-torch" else "rust"
+        one = torch.ones(())
 
         def step() -> Any:
             layer.zero_grad(set_to_none=True)
@@ -85,7 +86,7 @@ def build(variant: str, d: int, ff: int, e: int, k: int, t: int) -> Tuple[Callab
                 y, aux = layer(x)
                 # The same backward as the HF block's `backward(grad)`, plus the auxiliary loss's.
                 tensors = [y, aux.weighted] if aux.weighted.requires_grad else [y]
-                torch.autograd.backward(tensors, [grad, torch.ones(())][: len(tensors)])
+                torch.autograd.backward(tensors, [grad, one][: len(tensors)])
             info["experts_per_token"] = aux.stats.experts_per_token
 
         return step, info

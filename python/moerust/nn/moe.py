@@ -110,8 +110,11 @@ class Losses(Mapping):
         """Computes loss ``name`` now (with a graph for the backward if ``with_graph``)."""
         formula = self._formulas[name]  # KeyError for unknown names, as a dict
         # A branch rather than set_grad_enabled(with_graph): under torch.compile a recompiled
-        # forward may see the loss weights, and so with_graph, as symbolic values.
-        if with_graph:
+        # forward may see the loss weights, and so with_graph, as symbolic values. No grad-mode
+        # block when the mode is already right (the usual case: a weighted loss in training).
+        if with_graph == torch.is_grad_enabled():
+            self._values[name] = formula()
+        elif with_graph:
             with torch.enable_grad():
                 self._values[name] = formula()
         else:
