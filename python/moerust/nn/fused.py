@@ -130,6 +130,8 @@ def _backward(
     grad_probs: Optional[torch.Tensor],
     grad_weights: Optional[torch.Tensor],
 ) -> Tuple[Optional[torch.Tensor], ...]:
+    """:meth:`RoutedLayer.backward`'s work: one native call after the native forward, else the
+    composed ops' backward kernels (torch backend, CUDA)."""
     call: LayerCall = ctx.call
     saved = ctx.saved_tensors  # (also checks that no saved tensor was modified in place)
     x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
