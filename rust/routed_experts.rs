@@ -121,12 +121,7 @@ mod tests {
         let (t, k, e, d, f) = (7usize, 2usize, 3usize, 5usize, 4usize);
         let idx: Vec<i64> = vec![0, 2, 2, 0, 0, -1, 2, 0, 0, 2, 2, 0, 0, 2];
         let p = dispatch_plan(&idx, t, k, e, Some(4)).unwrap();
-        let view = PlanView {
-            row_token: &p.row_token,
-            row_slot: &p.row_slot,
-            slot_row: &p.slot_row,
-            offsets: &p.offsets,
-        };
+        let view = PlanView::from(&p);
         let r = p.row_token.len();
         for act in [Activation::SwiGlu, Activation::Gelu] {
             let s = MlpShape { r, d, e, f, act };
