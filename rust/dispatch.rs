@@ -158,7 +158,7 @@ pub fn dispatch_plan(
     })
 }
 
-fn row_index(arg: &str, x: i64, bound: usize) -> KResult<usize> {
+pub(crate) fn row_index(arg: &str, x: i64, bound: usize) -> KResult<usize> {
     if x >= 0 && (x as usize) < bound {
         Ok(x as usize)
     } else {

@@ -15,7 +15,7 @@
 
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
-use crate::omp_team::for_each_part;
+use crate::omp_team::{for_each_part, try_for_each_part};
 use crate::real::Real;
 use crate::threads::team_size;
 
@@ -570,14 +570,38 @@ pub fn expert_mlp_forward<T: MlpReal>(
     out: &mut [T],
 ) -> KResult<()> {
     let columns = by_columns(s, team_size());
-    forward_in(s, xs, w1, w2, offsets, h, out, columns)
+    forward_in(s, Rows::Given(xs), w1, w2, offsets, h, out, columns)
 }
 
-/// [`expert_mlp_forward`] in the column layout or not, as `columns` says.
+/// [`expert_mlp_forward`] whose rows are first gathered into `xs [R, d]` from `x [T, d]`
+/// (`xs[r] = x[row_token[r]]`, as [`crate::dispatch::gather`]) — by each row tile for its own
+/// rows, in the same parallel region, so the rows are still in cache for the tile's first
+/// product (one fork/join and one pass over `xs` fewer than gathering first).
 #[allow(clippy::too_many_arguments)]
-fn forward_in<T: MlpReal>(
+pub fn expert_mlp_forward_gathered<T: MlpReal>(
     s: &MlpShape,
-    xs: &[T],
+    x: &[T],
+    t: usize,
+    row_token: &[i64],
+    xs: &mut [T],
+    w1: &[T],
+    w2: &[T],
+    offsets: &[i64],
+    h: &mut [T],
+    out: &mut [T],
+) -> KResult<()> {
+    let columns = by_columns(s, team_size());
+    forward_gathered_in(s, x, t, row_token, xs, w1, w2, offsets, h, out, columns)
+}
+
+/// [`expert_mlp_forward_gathered`] in the column layout or not, as `columns` says.
+#[allow(clippy::too_many_arguments)]
+fn forward_gathered_in<T: MlpReal>(
+    s: &MlpShape,
+    x: &[T],
+    t: usize,
+    row_token: &[i64],
+    xs: &mut [T],
     w1: &[T],
     w2: &[T],
     offsets: &[i64],
@@ -585,8 +609,53 @@ fn forward_in<T: MlpReal>(
     out: &mut [T],
     columns: bool,
 ) -> KResult<()> {
-    check_sizes(s, xs, w1, w2)?;
+    check_len("x", x.len(), t * s.d)?;
+    check_len("plan.row_token", row_token.len(), s.r)?;
+    if columns {
+        // Column blocks share rows between tasks: gather first.
+        crate::dispatch::gather(x, t, s.d, row_token, xs)?;
+        return forward_in(s, Rows::Given(xs), w1, w2, offsets, h, out, columns);
+    }
+    let rows = Rows::Gather {
+        x,
+        t,
+        row_token,
+        xs,
+    };
+    forward_in(s, rows, w1, w2, offsets, h, out, columns)
+}
+
+/// Where a forward's rows `xs [R, d]` come from.
+enum Rows<'a, T> {
+    /// Already in `xs`.
+    Given(&'a [T]),
+    /// Gathered into `xs` from `x [T, d]` by `row_token`, each tile its own rows.
+    Gather {
+        x: &'a [T],
+        t: usize,
+        row_token: &'a [i64],
+        xs: &'a mut [T],
+    },
+}
+
+/// [`expert_mlp_forward`] in the column layout or not, as `columns` says (`rows`: see
+/// [`Rows`]; `Gather` only by row tiles).
+#[allow(clippy::too_many_arguments)]
+fn forward_in<T: MlpReal>(
+    s: &MlpShape,
+    rows: Rows<'_, T>,
+    w1: &[T],
+    w2: &[T],
+    offsets: &[i64],
+    h: &mut [T],
+    out: &mut [T],
+    columns: bool,
+) -> KResult<()> {
     let (d, f, h1) = (s.d, s.f, s.h1());
+    match &rows {
+        Rows::Given(xs) => check_sizes(s, xs, w1, w2)?,
+        Rows::Gather { xs, .. } => check_sizes(s, xs, w1, w2)?,
+    }
     check_len("h", h.len(), s.r * h1)?;
     check_len("out", out.len(), s.r * d)?;
     let ranges = expert_ranges(offsets, s)?;
@@ -594,57 +663,90 @@ fn forward_in<T: MlpReal>(
         return Ok(());
     }
     let threads = team_size();
-    if columns {
-        crate::expert_columns::forward(s, xs, w1, w2, &ranges, h, out, threads);
-        return Ok(());
-    }
     let tiles = row_tiles(&ranges, tile_rows(s.r, threads));
+    // Each tile's rows: a part of `xs` to gather into, or none (read from `given`).
+    let (given, gather, xs_parts): (&[T], _, Vec<Option<&mut [T]>>) = match rows {
+        Rows::Given(xs) => {
+            if columns {
+                crate::expert_columns::forward(s, xs, w1, w2, &ranges, h, out, threads);
+                return Ok(());
+            }
+            (xs, None, tiles.iter().map(|_| None).collect())
+        }
+        Rows::Gather {
+            x,
+            t,
+            row_token,
+            xs,
+        } => {
+            let parts = split_by_tiles(xs, d, &tiles)
+                .into_iter()
+                .map(Some)
+                .collect();
+            (&[], Some((x, t, row_token)), parts)
+        }
+    };
     let parts = largest_first(
         &tiles,
         split_by_tiles(h, h1, &tiles)
             .into_iter()
             .zip(split_by_tiles(out, d, &tiles))
+            .zip(xs_parts)
             .collect(),
     );
-    for_each_part(threads, parts, |_, (i, (h, out))| {
-        let (e, lo, hi) = tiles[i];
-        let n = hi - lo;
-        let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
-        let w2e = &w2[e * d * f..(e + 1) * d * f];
-        matmul(
-            n,
-            h1,
-            d,
-            h,
-            h1,
-            &xs[lo * d..hi * d],
-            Strides::row_major(d),
-            w1e,
-            Strides::transposed(d),
-        );
-        T::with_tile_scratch(n * f, |a| {
-            with_best_isa(
-                #[inline(always)]
-                || {
-                    for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
-                        act_forward(s.act, hr, ar);
+    try_for_each_part(
+        threads,
+        parts,
+        |_, (i, ((h, out), xs_part))| -> KResult<()> {
+            let (e, lo, hi) = tiles[i];
+            let n = hi - lo;
+            let rows: &[T] = match (xs_part, gather) {
+                (Some(part), Some((x, t, row_token))) => {
+                    for (dst, &tok) in part.chunks_exact_mut(d).zip(&row_token[lo..hi]) {
+                        let tok = crate::dispatch::row_index("plan.row_token", tok, t)?;
+                        dst.copy_from_slice(&x[tok * d..(tok + 1) * d]);
                     }
-                },
-            );
+                    part
+                }
+                _ => &given[lo * d..hi * d],
+            };
+            let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
+            let w2e = &w2[e * d * f..(e + 1) * d * f];
             matmul(
                 n,
+                h1,
                 d,
-                f,
-                out,
-                d,
-                a,
-                Strides::row_major(f),
-                w2e,
-                Strides::transposed(f),
+                h,
+                h1,
+                rows,
+                Strides::row_major(d),
+                w1e,
+                Strides::transposed(d),
             );
-        });
-    });
-    Ok(())
+            T::with_tile_scratch(n * f, |a| {
+                with_best_isa(
+                    #[inline(always)]
+                    || {
+                        for (hr, ar) in h.chunks_exact(h1).zip(a.chunks_exact_mut(f)) {
+                            act_forward(s.act, hr, ar);
+                        }
+                    },
+                );
+                matmul(
+                    n,
+                    d,
+                    f,
+                    out,
+                    d,
+                    a,
+                    Strides::row_major(f),
+                    w2e,
+                    Strides::transposed(f),
+                );
+            });
+            Ok(())
+        },
+    )
 }
 
 /// Gradients of the forward: `dxs [R, d]`, `dw1 [E, H1, d]`, `dw2 [E, d, F]` from the output
@@ -989,7 +1091,16 @@ mod tests {
         let mut h = vec![0.0; r * s.h1()];
         let mut out = vec![7.0; r * d];
         with_team(3, usize::MAX, || {
-            forward_in(s, xs, w1, w2, offsets, &mut h, &mut out, columns)
+            forward_in(
+                s,
+                Rows::Given(xs),
+                w1,
+                w2,
+                offsets,
+                &mut h,
+                &mut out,
+                columns,
+            )
         })
         .unwrap();
         let (mut dxs, mut dw1, mut dw2) =
@@ -1039,6 +1150,57 @@ mod tests {
             check(act, &[0, 0], 3, 2);
             check(act, &[300, 7, 0, 129], 8, 5); // several tiles per expert
             check(act, &[1100, 0, 3, 520], 5, 37); // several column-layout tiles, odd blocks
+        }
+    }
+
+    #[test]
+    fn gathering_in_the_tiles_equals_gathering_first() {
+        // Rows gathered by each tile (or first, in the column layout) give the same xs, h and
+        // out as dispatch::gather followed by the forward, bit for bit; a token out of range
+        // is an error in either layout.
+        let (t, d, f) = (50usize, 5usize, 7usize);
+        let counts = [300usize, 0, 41, 129];
+        let r: usize = counts.iter().sum();
+        let s = MlpShape {
+            r,
+            d,
+            e: counts.len(),
+            f,
+            act: Activation::SwiGlu,
+        };
+        let mut offsets = vec![0i64];
+        for &c in &counts {
+            offsets.push(offsets.last().unwrap() + c as i64);
+        }
+        let x = lcg(t * d, 5);
+        let row_token: Vec<i64> = (0..r).map(|i| ((i * 7919) % t) as i64).collect();
+        let (w1, w2) = (lcg(s.e * s.h1() * d, 2), lcg(s.e * d * f, 3));
+        let mut want_xs = vec![0.0; r * d];
+        crate::dispatch::gather(&x, t, d, &row_token, &mut want_xs).unwrap();
+        for columns in [false, true] {
+            let run = |gathered: bool, tokens: &[i64]| {
+                let (mut xs, mut h, mut out) =
+                    (vec![7.0; r * d], vec![0.0; r * s.h1()], vec![0.0; r * d]);
+                let res = with_team(3, usize::MAX, || {
+                    if gathered {
+                        forward_gathered_in(
+                            &s, &x, t, tokens, &mut xs, &w1, &w2, &offsets, &mut h, &mut out,
+                            columns,
+                        )
+                    } else {
+                        xs.copy_from_slice(&want_xs);
+                        let rows = Rows::Given(&want_xs);
+                        forward_in(&s, rows, &w1, &w2, &offsets, &mut h, &mut out, columns)
+                    }
+                });
+                res.map(|_| (xs, h, out))
+            };
+            let got = run(true, &row_token).unwrap();
+            assert_eq!(got, run(false, &row_token).unwrap(), "columns {columns}");
+            assert_eq!(got.0, want_xs);
+            let mut bad = row_token.clone();
+            bad[r - 1] = t as i64;
+            assert!(run(true, &bad).is_err(), "columns {columns}");
         }
     }
 

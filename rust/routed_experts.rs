@@ -10,7 +10,7 @@
 
 use crate::dispatch;
 use crate::error::KResult;
-use crate::expert_mlp::{expert_mlp_backward, expert_mlp_forward, MlpReal, MlpShape};
+use crate::expert_mlp::{expert_mlp_backward, expert_mlp_forward_gathered, MlpReal, MlpShape};
 
 /// A dispatch plan's index arrays (see `dispatch::dispatch_plan`).
 #[derive(Clone, Copy)]
@@ -52,8 +52,8 @@ pub fn routed_experts_forward<T: MlpReal>(
     ys: &mut [T],
     y: &mut [T],
 ) -> KResult<()> {
-    dispatch::gather(x, t, s.d, plan.row_token, xs)?;
-    expert_mlp_forward(s, xs, w1, w2, plan.offsets, h, ys)?;
+    // The gather runs inside the expert tiles' parallel region (each tile its own rows).
+    expert_mlp_forward_gathered(s, x, t, plan.row_token, xs, w1, w2, plan.offsets, h, ys)?;
     dispatch::combine(ys, s.r, s.d, weights, plan.slot_row, t, y)
 }
 
@@ -111,7 +111,7 @@ pub fn routed_experts_backward<T: MlpReal>(
 mod tests {
     use super::*;
     use crate::dispatch::{combine, combine_backward, dispatch_plan, gather, gather_backward};
-    use crate::expert_mlp::Activation;
+    use crate::expert_mlp::{expert_mlp_forward, Activation};
     use crate::testing::values;
 
     /// The fused call equals gather -> expert MLPs -> combine (and their backwards) called apart,
