@@ -1173,24 +1173,44 @@ macro_rules! moe_layer_kernels {
                 };
                 let dw = &mut dweights[..];
                 py.detach(|| -> KResult<()> {
+                    let Some(dwrv) = dwrv else {
+                        return with_team(threads, 2 * mlp_work(&s), || {
+                            routed_experts::routed_experts_backward(
+                                &s, g, t, kept, target, wv, view, a, b, gxs, dxv, dw, da, db,
+                            )
+                        });
+                    };
+                    // With the router's gradients, each token's rows are summed into dx inside
+                    // the router backward's blocks (one parallel region for both).
                     with_team(threads, 2 * mlp_work(&s), || {
-                        routed_experts::routed_experts_backward(
-                            &s, g, t, kept, target, wv, view, a, b, gxs, dxv, dw, da, db,
+                        routed_experts::routed_experts_backward_rows(
+                            &s, g, kept, target, wv, view, a, b, gxs, dw, da, db,
                         )
                     })?;
-                    if let Some(dwrv) = dwrv {
-                        if let Some(extra) = extra {
-                            crate::error::check_len("grad_weights", extra.len(), dw.len())?;
-                            for (v, &u) in dw.iter_mut().zip(extra) {
-                                *v += u;
-                            }
+                    if let Some(extra) = extra {
+                        crate::error::check_len("grad_weights", extra.len(), dw.len())?;
+                        for (v, &u) in dw.iter_mut().zip(extra) {
+                            *v += u;
                         }
-                        rg.weights = dw;
-                        with_team(threads, 0, || {
-                            router_backward::router_backward(&rs, t, e, k, d, &rg, dxv, dwrv)
-                        })?;
                     }
-                    Ok(())
+                    rg.weights = dw;
+                    let gxs = &*gxs;
+                    let fill = |first: usize, rows: &mut [$t]| {
+                        routed_experts::sum_rows_of_tokens(&s, gxs, view.slot_row, k, first, rows)
+                    };
+                    with_team(threads, 0, || {
+                        router_backward::router_backward_filling(
+                            &rs,
+                            t,
+                            e,
+                            k,
+                            d,
+                            &rg,
+                            Some(&fill),
+                            dxv,
+                            dwrv,
+                        )
+                    })
                 })?;
             }
             Ok((

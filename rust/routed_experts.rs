@@ -91,6 +91,30 @@ pub fn routed_experts_backward<T: MlpReal>(
     dw1: &mut [T],
     dw2: &mut [T],
 ) -> KResult<()> {
+    routed_experts_backward_rows(
+        s, grad, saved, grad_ys, weights, plan, w1, w2, grad_xs, dweights, dw1, dw2,
+    )?;
+    dispatch::gather_backward(grad_xs, s.r, s.d, plan.slot_row, t, dx)
+}
+
+/// [`routed_experts_backward`] up to the gradient of the gathered rows, `grad_xs [R, d]`,
+/// without summing them per token into `dx` (for a caller that does it elsewhere, as the MoE
+/// layer's backward does inside the router's backward region: [`sum_rows_of_tokens`]).
+#[allow(clippy::too_many_arguments)]
+pub fn routed_experts_backward_rows<T: MlpReal>(
+    s: &MlpShape,
+    grad: &[T],
+    saved: (&[T], &[T]),
+    grad_ys: GradYs<'_, T>,
+    weights: &[T],
+    plan: PlanView<'_>,
+    w1: &[T],
+    w2: &[T],
+    grad_xs: &mut [T],
+    dweights: &mut [T],
+    dw1: &mut [T],
+    dw2: &mut [T],
+) -> KResult<()> {
     let (xs, h) = saved;
     let (rt, rs, sr) = (plan.row_token, plan.row_slot, plan.slot_row);
     let gys: &mut [T] = match grad_ys {
@@ -103,8 +127,24 @@ pub fn routed_experts_backward<T: MlpReal>(
             ys
         }
     };
-    expert_mlp_backward(s, gys, xs, h, w1, w2, plan.offsets, grad_xs, dw1, dw2)?;
-    dispatch::gather_backward(grad_xs, s.r, s.d, plan.slot_row, t, dx)
+    expert_mlp_backward(s, gys, xs, h, w1, w2, plan.offsets, grad_xs, dw1, dw2)
+}
+
+/// `dx [m, d]` for the `m` tokens from `first`: each token's rows of `grad_xs [R, d]` summed in
+/// slot order (the gather backward of those tokens alone; `k` slots per token).
+pub fn sum_rows_of_tokens<T: MlpReal>(
+    s: &MlpShape,
+    grad_xs: &[T],
+    slot_row: &[i64],
+    k: usize,
+    first: usize,
+    dx: &mut [T],
+) -> KResult<()> {
+    let m = dx.len() / s.d.max(1);
+    match slot_row.get(first * k..(first + m) * k) {
+        Some(slots) => dispatch::gather_backward(grad_xs, s.r, s.d, slots, m, dx),
+        None => crate::error::value_err("plan.slot_row: fewer slots than the tokens of dx"),
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +153,33 @@ mod tests {
     use crate::dispatch::{combine, combine_backward, dispatch_plan, gather, gather_backward};
     use crate::expert_mlp::{expert_mlp_forward, Activation};
     use crate::testing::values;
+
+    /// Blocks of tokens summed apart give gather_backward's rows; a block past the plan's slots
+    /// is an error.
+    #[test]
+    fn sums_by_blocks_of_tokens_equal_the_gather_backward() {
+        let (t, k, e, d) = (7usize, 2usize, 3usize, 5usize);
+        let idx: Vec<i64> = vec![0, 2, 2, 0, 0, -1, 2, 0, 0, 2, 2, 0, 0, 2];
+        let p = dispatch_plan(&idx, t, k, e, Some(4)).unwrap();
+        let r = p.row_token.len();
+        let s = MlpShape {
+            r,
+            d,
+            e,
+            f: 3,
+            act: Activation::Gelu,
+        };
+        let grad_xs = values(r * d, 9);
+        let mut want = vec![0.0; t * d];
+        gather_backward(&grad_xs, r, d, &p.slot_row, t, &mut want).unwrap();
+        let mut got = vec![f64::NAN; t * d];
+        for (b, rows) in got.chunks_mut(3 * d).enumerate() {
+            sum_rows_of_tokens(&s, &grad_xs, &p.slot_row, k, 3 * b, rows).unwrap();
+        }
+        assert_eq!(got, want);
+        let mut past = vec![0.0; 2 * d];
+        assert!(sum_rows_of_tokens(&s, &grad_xs, &p.slot_row, k, 6, &mut past).is_err());
+    }
 
     /// The fused call equals gather -> expert MLPs -> combine (and their backwards) called apart,
     /// including a dropped slot and an expert without rows.

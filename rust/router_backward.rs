@@ -62,6 +62,28 @@ pub fn router_backward<'a, T: MlpReal>(
     dx: &mut [T],
     dweight: &mut [T],
 ) -> KResult<()> {
+    router_backward_filling(s, t, e, k, d, g, None, dx, dweight)
+}
+
+/// Fills one block of `dx`: `(first row, rows [m, d])`, before the router adds to it.
+pub type FillRows<'f, T> = &'f (dyn Fn(usize, &mut [T]) -> KResult<()> + Sync);
+
+/// [`router_backward`] whose `dx` rows are first filled block by block by `fill` (when given),
+/// inside the same parallel region and task as the router's work on those rows: for a layer
+/// whose `dx` starts as another kernel's per-row result (the routed experts' gather backward),
+/// one fork/join fewer, and each block of `dx` is still in cache when the router adds to it.
+#[allow(clippy::too_many_arguments)]
+pub fn router_backward_filling<'a, T: MlpReal>(
+    s: &RouterSaved<'a, T>,
+    t: usize,
+    e: usize,
+    k: usize,
+    d: usize,
+    g: &RouterGrads<'a, T>,
+    fill: Option<FillRows<'_, T>>,
+    dx: &mut [T],
+    dweight: &mut [T],
+) -> KResult<()> {
     check_len("x", s.x.len(), t * d)?;
     check_len("router_weight", s.weight.len(), e * d)?;
     check_len("dx", dx.len(), t * d)?;
@@ -105,6 +127,9 @@ pub fn router_backward<'a, T: MlpReal>(
         let m = rows.min(t.saturating_sub(b * rows));
         // (a kernel called inside a task runs inline)
         with_team(1, 0, || -> KResult<()> {
+            if let Some(fill) = fill {
+                fill(b * rows, &mut dx[..m * d])?;
+            }
             let mut dp = vec![T::ZERO; m * e];
             route_weights_backward(gw, probs, m, e, idx, k, s.renormalize, &mut dp)?;
             if gp.is_some() || coef.is_some() {
@@ -356,5 +381,27 @@ mod tests {
         for (a, b) in dw1.iter().zip(&dw4) {
             assert!((a - b).abs() < 1e-9 * (1.0 + a.abs()), "{a} vs {b}");
         }
+        // Filling each block's dx rows inside the region (here with rows that depend on the
+        // row number) equals filling dx first, bit for bit, on a team or on one thread; a
+        // failing fill is the call's error.
+        let start = values(t * d, 17);
+        let fill = |first: usize, rows: &mut [f64]| -> KResult<()> {
+            rows.copy_from_slice(&start[first * d..first * d + rows.len()]);
+            Ok(())
+        };
+        for threads in [1, 4] {
+            let (mut dx, mut dw) = (vec![f64::NAN; t * d], vec![0.0; e * d]);
+            with_team(threads, 0, || {
+                router_backward_filling(&saved, t, e, k, d, &grads, Some(&fill), &mut dx, &mut dw)
+            })
+            .unwrap();
+            assert_eq!((&dx, &dw), (&dx4, if threads == 1 { &dw1 } else { &dw4 }));
+        }
+        let fails = |_: usize, _: &mut [f64]| -> KResult<()> { crate::error::value_err("no") };
+        let (mut dx, mut dw) = (vec![0.0; t * d], vec![0.0; e * d]);
+        let res = with_team(4, 0, || {
+            router_backward_filling(&saved, t, e, k, d, &grads, Some(&fails), &mut dx, &mut dw)
+        });
+        assert!(res.is_err());
     }
 }
