@@ -1044,8 +1044,13 @@ mod tests {
             .collect()
     }
 
-    fn check(act: Activation, counts: &[usize], d: usize, f: usize) {
-        let r: usize = counts.iter().sum();
+    /// The shape and offsets of experts with `counts` rows each.
+    fn shape_of(counts: &[usize], d: usize, f: usize, act: Activation) -> (MlpShape, Vec<i64>) {
+        let mut offsets = vec![0i64];
+        for &c in counts {
+            offsets.push(offsets.last().unwrap() + c as i64);
+        }
+        let r = counts.iter().sum();
         let s = MlpShape {
             r,
             d,
@@ -1053,10 +1058,12 @@ mod tests {
             f,
             act,
         };
-        let mut offsets = vec![0i64];
-        for &c in counts {
-            offsets.push(offsets.last().unwrap() + c as i64);
-        }
+        (s, offsets)
+    }
+
+    fn check(act: Activation, counts: &[usize], d: usize, f: usize) {
+        let (s, offsets) = shape_of(counts, d, f, act);
+        let r = s.r;
         let (xs, w1, w2, grad) = (
             lcg(r * d, 1),
             lcg(s.e * s.h1() * d, 2),
@@ -1159,19 +1166,8 @@ mod tests {
         // out as dispatch::gather followed by the forward, bit for bit; a token out of range
         // is an error in either layout.
         let (t, d, f) = (50usize, 5usize, 7usize);
-        let counts = [300usize, 0, 41, 129];
-        let r: usize = counts.iter().sum();
-        let s = MlpShape {
-            r,
-            d,
-            e: counts.len(),
-            f,
-            act: Activation::SwiGlu,
-        };
-        let mut offsets = vec![0i64];
-        for &c in &counts {
-            offsets.push(offsets.last().unwrap() + c as i64);
-        }
+        let (s, offsets) = shape_of(&[300, 0, 41, 129], d, f, Activation::SwiGlu);
+        let r = s.r;
         let x = lcg(t * d, 5);
         let row_token: Vec<i64> = (0..r).map(|i| ((i * 7919) % t) as i64).collect();
         let (w1, w2) = (lcg(s.e * s.h1() * d, 2), lcg(s.e * d * f, 3));
@@ -1240,20 +1236,9 @@ mod tests {
 
     #[test]
     fn waves_do_not_change_the_gradients() {
-        let counts = [40usize, 0, 7, 90, 1, 0, 600];
         let (d, f) = (5, 6);
-        let r: usize = counts.iter().sum();
-        let s = MlpShape {
-            r,
-            d,
-            e: counts.len(),
-            f,
-            act: Activation::SwiGlu,
-        };
-        let mut offsets = vec![0i64];
-        for &c in &counts {
-            offsets.push(offsets.last().unwrap() + c as i64);
-        }
+        let (s, offsets) = shape_of(&[40, 0, 7, 90, 1, 0, 600], d, f, Activation::SwiGlu);
+        let r = s.r;
         let (xs, w1, w2, grad) = (
             lcg(r * d, 5),
             lcg(s.e * s.h1() * d, 6),
