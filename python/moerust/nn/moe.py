@@ -238,9 +238,10 @@ class MoE(nn.Module):
         # The router op's balance loss, weighted, when the one-node path computed it.
         weighted_balance: Optional[torch.Tensor] = None
         usage = None
-        if self._one_node(x):
+        params = self._one_node(x)
+        if params is not None:
             # (x and y keep their shape: no view nodes around the layer's one node)
-            r, plan, y, weighted_balance, usage = self._one_node_forward(x, weights["balance"])
+            r, plan, y, weighted_balance, usage = self._one_node_forward(x, params, weights["balance"])
         else:
             x2 = x.reshape(-1, c.dim)
             r = self.router(x2)
@@ -290,20 +291,23 @@ class MoE(nn.Module):
     def _unchecked_plan(self, idx: torch.Tensor, counts: torch.Tensor) -> ops.Plan:
         return self._plan(idx, counts, checked=False)
 
-    def _one_node(self, x: torch.Tensor) -> bool:
-        """Whether this call can take the one-node path (:mod:`moerust.nn.fused`): a plain eager
-        call whose router selects in one op (:attr:`Router.one_op`) and adds no training noise,
-        with no hooks on the router and its weights in ``x``'s dtype."""
+    def _one_node(self, x: torch.Tensor) -> "Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]":
+        """``(router weight, w1, w2)`` when this call can take the one-node path
+        (:mod:`moerust.nn.fused`): a plain eager call whose router selects in one op
+        (:attr:`Router.one_op`) and adds no training noise, with no hooks on the router and its
+        weights in ``x``'s dtype; else None."""
         r = self.router
         if not self.one_node or not r.one_op or (r.training and (r.noise_std > 0 or r.jitter > 0)):
-            return False
-        if r._forward_hooks or r._forward_pre_hooks or r.weight.dtype != x.dtype:
-            return False
-        return _eager._plain_eager((x, r.weight, self.experts.w1, self.experts.w2))
+            return None
+        params = (r.weight, self.experts.w1, self.experts.w2)
+        if r._forward_hooks or r._forward_pre_hooks or params[0].dtype != x.dtype:
+            return None
+        return params if _eager._plain_eager((x, *params)) else None
 
-    def _one_node_forward(self, x: torch.Tensor, balance_weight: float) -> tuple:
+    def _one_node_forward(self, x: torch.Tensor, params: tuple, balance_weight: float) -> tuple:
         """``(routing, plan, y, weighted balance or None, usage or None)`` through
-        :class:`~moerust.nn.fused.RoutedLayer` (``x [..., dim]``, ``y`` of its shape)."""
+        :class:`~moerust.nn.fused.RoutedLayer` (``x [..., dim]``, ``y`` of its shape; ``params``
+        from :meth:`_one_node`)."""
         r, c = self.router, self.config
         # The router op's balance loss is the layer's (see _losses) unless the global-batch loss
         # replaces it in training or there is none: only then is its weighted value of use.
@@ -315,9 +319,7 @@ class MoE(nn.Module):
             self.stats.native_buffers(),
         )  # fmt: skip
         out: Dict[str, object] = {}
-        y, balance, weighted, logits, probs, weights = RoutedLayer.apply(
-            x, r.weight, self.experts.w1, self.experts.w2, call, out
-        )  # fmt: skip
+        y, balance, weighted, logits, probs, weights = RoutedLayer.apply(x, *params, call, out)
         idx, counts, share = out["selection"]  # type: ignore[misc]
         routing = RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)
         return routing, out["plan"], y, weighted if own_balance else None, out.get("usage")
