@@ -191,6 +191,13 @@ pub fn clear() -> usize {
     freed
 }
 
+/// Bytes of `len` elements of `T`, if that is a size a block can have (room left for the size
+/// class to round up, <= 12.5 %, within a valid allocation size).
+pub fn bytes_for<T>(len: usize) -> Option<usize> {
+    len.checked_mul(std::mem::size_of::<T>())
+        .filter(|&b| b <= isize::MAX as usize / 2)
+}
+
 /// Element types for which every bit pattern is a valid value (a pooled block's contents are
 /// zeroes or whatever its last user wrote).
 ///
@@ -216,11 +223,8 @@ pub struct PoolVec<T: Plain> {
 impl<T: Plain> PoolVec<T> {
     /// A buffer of `len` elements; None if the size overflows or memory is exhausted.
     pub fn new(len: usize) -> Option<Self> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .filter(|&b| b <= isize::MAX as usize / 2)?;
         Some(Self {
-            block: Some(take(bytes)?),
+            block: Some(take(bytes_for::<T>(len)?)?),
             len,
             _elem: std::marker::PhantomData,
         })

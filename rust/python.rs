@@ -1342,9 +1342,7 @@ fn pooled_array<'py, T: Element>(py: Python<'py>, shape: &[usize]) -> PyResult<B
     let bytes = shape
         .iter()
         .try_fold(1usize, |n, &s| n.checked_mul(s))
-        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()))
-        // Room for the size class to round up (<= 12.5 %) within a valid allocation size.
-        .filter(|&b| b <= isize::MAX as usize / 2)
+        .and_then(pool::bytes_for::<T>)
         .ok_or_else(|| PyValueError::new_err(format!("shape {shape:?} is too large")))?;
     let block = pool::take(bytes)
         .ok_or_else(|| PyMemoryError::new_err(format!("cannot allocate {bytes} bytes")))?;

@@ -18,7 +18,7 @@ use crate::expert_mlp::{matmul, MlpReal, Strides};
 use crate::isa::with_best_isa;
 use crate::omp_team::try_for_each_part;
 use crate::route_weights::route_weights_backward;
-use crate::router_forward::router_team;
+use crate::router_forward::router_blocks;
 use crate::softmax::softmax_backward_rows;
 use crate::threads::{full_team, split, split_mut, with_team};
 
@@ -105,9 +105,7 @@ pub fn router_backward_filling<'a, T: MlpReal>(
     // Blocks of rows, each through every step on one thread, in one parallel region (the team
     // asked for by the enclosing `with_team`, sized like the router's forward); each block's
     // part of dWr is summed below in block order.
-    let team = router_team(full_team(), t, e, d);
-    let rows = t.div_ceil(2 * team).max(1);
-    let blocks = t.div_ceil(rows).max(1);
+    let (team, rows, blocks) = router_blocks(full_team(), t, e, d);
     let mut partial = vec![T::ZERO; blocks * e * d];
     let opt = |v: Option<&'a [T]>| match v {
         Some(v) => split(v, blocks, rows * e).into_iter().map(Some).collect(),
@@ -215,6 +213,7 @@ fn linear_backward_rows<T: MlpReal>(
 mod tests {
     use super::*;
     use crate::route_weights::route_weights;
+    use crate::router_forward::router_team;
     use crate::testing::values;
 
     /// Loss = sum(gw * w) + sum(gp * p) + sum(gl * l) + gb * balance, by finite differences on

@@ -89,11 +89,7 @@ pub fn router_forward<T: MlpReal + RankKey>(
             (None, p, (min_k, max_k), Some(counts))
         }
     };
-    let team = router_team(threads, t, e, d);
-    // Two blocks per thread (threads that wake late still find work); at least one block, so
-    // that the stages check their arguments even without rows.
-    let rows = t.div_ceil(2 * team).max(1);
-    let blocks = t.div_ceil(rows).max(1);
+    let (team, rows, blocks) = router_blocks(threads, t, e, d);
     let mut partial: Vec<(Vec<f64>, Vec<u64>)> =
         (0..blocks).map(|_| (vec![0.0; e], vec![0; e])).collect();
     let counts = match counts {
@@ -145,6 +141,16 @@ pub fn router_forward<T: MlpReal + RankKey>(
 pub(crate) fn router_team(threads: usize, t: usize, e: usize, d: usize) -> usize {
     let work = t.saturating_mul(e * d / 4 + 2 * e * ROUTE_COST);
     resolve_threads(threads).min(work >> 14).max(1)
+}
+
+/// The router's team (see [`router_team`]) and its blocks of rows: `(team, rows per block,
+/// blocks)`, shared by the forward and the backward. Two blocks per thread (threads that wake
+/// late still find work); at least one block, so that the stages check their arguments even
+/// without rows.
+pub(crate) fn router_blocks(threads: usize, t: usize, e: usize, d: usize) -> (usize, usize, usize) {
+    let team = router_team(threads, t, e, d);
+    let rows = t.div_ceil(2 * team).max(1);
+    (team, rows, t.div_ceil(rows).max(1))
 }
 
 /// `logits [T, E] = x [T, d] · weight [E, d]^T`, divided by `temperature` unless it is 1.

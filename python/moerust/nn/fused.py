@@ -135,7 +135,6 @@ def _backward(
     call: LayerCall = ctx.call
     saved = ctx.saved_tensors  # (also checks that no saved tensor was modified in place)
     x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
-    x = x.reshape(-1, x.shape[-1])  # (the native forward saves x in its own shape)
     need_x, need_router = ctx.needs_input_grad[:2]
     need_router_grads = need_x or need_router
     grad_weights, grad_probs, grad_logits = (
@@ -143,7 +142,9 @@ def _backward(
     )
     if grad_y is not None and ctx.kept is not None:  # the native forward's: one native call back
         balance = _balance_grad(grad_balance, grad_weighted, call.balance_weight)
-        return _grads(ctx, *_native_backward(ctx, grad_y.contiguous(), grad_weights, grad_probs, grad_logits, balance))
+        grads = (grad_weights, grad_probs, grad_logits, balance)
+        return _grads(ctx, *_native_backward(ctx, grad_y.contiguous(), grads, need_router_grads))
+    x = x.reshape(-1, x.shape[-1])  # (the native forward saves x in its own shape)
     if grad_weighted is not None:  # the weighted loss's gradient reaches the loss scaled
         scaled = grad_weighted * call.balance_weight
         grad_balance = scaled if grad_balance is None else grad_balance + scaled
@@ -203,16 +204,14 @@ def _native_forward(
 
 
 def _native_backward(
-    ctx: Any,
-    grad_y: torch.Tensor,
-    grad_weights: Optional[torch.Tensor],
-    grad_probs: Optional[torch.Tensor],
-    grad_logits: Optional[torch.Tensor],
-    grad_balance: Optional[float],
+    ctx: Any, grad_y: torch.Tensor, outside_grads: Tuple[Any, ...], router: bool
 ) -> Tuple[Optional[torch.Tensor], ...]:
-    """``(dx, d_router_weight, dw1, dw2)`` in one native call (``moe_backward``)."""
+    """``(dx, d_router_weight, dw1, dw2)`` in one native call (``moe_backward``), given the
+    gradients of the router's outputs used outside the layer, ``(weights, probs, logits,
+    balance loss as a number)`` (each None if unused); ``router``: whether the router's
+    backward is needed (``dx`` or its weight's gradient)."""
     call: LayerCall = ctx.call
-    need_x, need_router = ctx.needs_input_grad[:2]
+    grad_weights, grad_probs, grad_logits, grad_balance = outside_grads
     outside = [g for g in (grad_weights, grad_probs, grad_logits) if g is not None]
     overwrite = _eager.saved_tensors_die(ctx, grad_y, *outside)
     grads = (
@@ -223,7 +222,7 @@ def _native_backward(
     )
     dx, drouter, dw1, dw2 = _backend.native_fn("moe_backward", grad_y.dtype)(
         _np(grad_y).reshape(-1, grad_y.shape[-1]), ctx.saved_arrays, ctx.kept, grads, call.renormalize, float(call.temperature),
-        call.activation, overwrite, need_x or need_router, _backend.num_threads(),
+        call.activation, overwrite, router, _backend.num_threads(),
     )  # fmt: skip
     if not _eager.graph_kept():  # free the buffers now (the node may outlive its graph)
         ctx.kept = ctx.saved_arrays = None

@@ -24,12 +24,12 @@ class RoutingStats:
     and most steps nobody reads them).
     """
 
-    __slots__ = ("experts_per_token", "dropped_fraction", "_load", "_ema", "_correction", "_usage", "_entropy")
+    __slots__ = ("load", "experts_per_token", "dropped_fraction", "_ema", "_correction", "_usage", "_entropy")
     FIELDS = ("load", "usage", "usage_entropy", "experts_per_token", "dropped_fraction")
 
     def __init__(
         self,
-        load: "List[int] | torch.Tensor",
+        load: List[int],
         usage: Optional[List[float]] = None,
         usage_entropy: Optional[float] = None,
         experts_per_token: float = 0.0,
@@ -38,22 +38,14 @@ class RoutingStats:
         ema: "Optional[Sequence[float]]" = None,
         correction: float = 1.0,
     ) -> None:
-        """``load`` as a list (or a CPU tensor, read when first asked for); either ``usage``
-        (and optionally ``usage_entropy``) or the EMA after this pass, ``ema`` (a list or an
-        array; None before any training step: uniform usage), with its bias ``correction``
-        (usage = ema / correction)."""
-        self._load = load
+        """``load`` as a list; either ``usage`` (and optionally ``usage_entropy``) or the EMA
+        after this pass, ``ema`` (None before any training step: uniform usage), with its bias
+        ``correction`` (usage = ema / correction)."""
+        self.load = load
         self.experts_per_token = experts_per_token
         self.dropped_fraction = dropped_fraction
         self._ema, self._correction = ema, correction
         self._usage, self._entropy = usage, usage_entropy
-
-    @property
-    def load(self) -> List[int]:
-        """Assignments per expert in this pass."""
-        if not isinstance(self._load, list):
-            self._load = self._load.tolist()
-        return self._load
 
     @property
     def usage(self) -> List[float]:
@@ -64,7 +56,6 @@ class RoutingStats:
                 e = len(self.load)
                 self._usage = [1.0 / e] * e
             else:
-                ema = ema.tolist() if hasattr(ema, "tolist") else ema
                 self._usage = [a / self._correction for a in ema]
         return self._usage
 
@@ -143,8 +134,7 @@ class RouterStats(nn.Module):
             ema = self.ema.tolist()
         return self.record(counts, ema, steps, tokens, assigned, dropped)
 
-
-    def record(self, load: "torch.Tensor | List[int]", ema: "Sequence[float]", steps: int, tokens: int, assigned: int, dropped: int) -> RoutingStats:
+    def record(self, load: List[int], ema: "Sequence[float]", steps: int, tokens: int, assigned: int, dropped: int) -> RoutingStats:
         """The stats of a pass whose EMA and step count were already updated in place (by
         :meth:`update`, or by the layer's native forward with its formula): ``ema`` is the EMA
         after the update, ``steps`` the step count; the other arguments as for :meth:`update`."""
