@@ -6,8 +6,8 @@
 use numpy::ndarray::{ArrayViewD, IxDyn};
 use numpy::{
     Element, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyReadonlyArray3, PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3, PyReadwriteArrayDyn,
-    PyUntypedArrayMethods,
+    PyReadonlyArray3, PyReadonlyArrayDyn, PyReadwriteArray1, PyReadwriteArray2, PyReadwriteArray3,
+    PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -204,7 +204,8 @@ macro_rules! float_kernels {
             })?)
         }
 
-        /// LARS / bidirectional scaling of flat gradient buffers in place; returns unit ratios.
+        /// LARS / bidirectional scaling of contiguous gradient buffers (any shape) in place; returns
+        /// unit ratios.
         #[pyfunction]
         #[allow(clippy::too_many_arguments)]
         fn $lars<'py>(
@@ -237,7 +238,7 @@ macro_rules! float_kernels {
                     )))
                 }
             };
-            let ws: Vec<PyReadonlyArray1<'py, $t>> = weights
+            let ws: Vec<PyReadonlyArrayDyn<'py, $t>> = weights
                 .iter()
                 .map(|o| {
                     o.extract().map_err(|_| {
@@ -246,7 +247,7 @@ macro_rules! float_kernels {
                 })
                 .collect::<PyResult<_>>()?;
             // Borrowing each gradient mutably also rejects the same buffer listed twice.
-            let mut gs: Vec<PyReadwriteArray1<'py, $t>> = grads
+            let mut gs: Vec<PyReadwriteArrayDyn<'py, $t>> = grads
                 .iter()
                 .map(|o| {
                     o.extract().map_err(|_| {

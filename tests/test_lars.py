@@ -126,3 +126,33 @@ def test_group_ratio_uses_group_norm(backend: str) -> None:
     gn = torch.sqrt(a.grad.pow(2).sum() + b.grad.pow(2).sum()).item()
     ratios = ops.lars_([{"params": [a, b]}], per="group", eta=0.1, eps=0.0)
     assert ratios.tolist() == pytest.approx([0.1 * wn / gn] * 2, rel=1e-6)
+
+
+def test_names_in_errors_follow_the_input_form(backend: str) -> None:
+    a, b, c = make_params([(3, 3), (2, 4), (4, 2)], 7)
+    c.grad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"params\[1\]\['params'\]\[1\]: gradient norm is not finite"):
+        ops.lars_([{"params": [a]}, {"params": [b, c]}], mode="bidirectional")
+    with pytest.raises(ValueError, match=r"params\[2\]: gradient norm"):
+        ops.lars_([a, b, c])
+    with pytest.raises(ValueError, match=r"params\[2\]\['params'\]\[0\]: gradient norm"):  # the group's first
+        ops.lars_([{"params": [a]}, {"params": [b]}, {"params": [c, a]}], per="group")
+    b.grad = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=r"^mid: gradient shape \(4, 2\) differs from \(2, 4\)"):
+        ops.lars_([("first", a), ("mid", b)])
+    with pytest.raises(TypeError, match=r"params\[0\]\['params'\]\[1\] must be a torch.Tensor"):
+        ops.lars_([{"params": [a, "b"]}])
+
+
+def test_strided_weights_and_gradients(backend: str) -> None:
+    """A transposed weight is read through a copy; a transposed gradient is scaled in place (on
+    the torch path when it is not contiguous); both give the contiguous result."""
+    (p,) = make_params([(6, 5)], 8)
+    q = torch.nn.Parameter(p.detach().t().contiguous().t())  # same values, column-major
+    q.grad = p.grad.t().contiguous().t()
+    assert not q.is_contiguous() and not q.grad.is_contiguous()
+    r_p = ops.lars_([p], weight_decay=0.1, eta=0.02)
+    r_q = ops.lars_([q], weight_decay=0.1, eta=0.02)
+    torch.testing.assert_close(r_q, r_p, rtol=1e-6, atol=0)
+    torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=0)
+    assert not q.grad.is_contiguous()  # still the caller's tensor

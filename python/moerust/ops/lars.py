@@ -26,37 +26,57 @@ ParamsLike = Union[Iterable[torch.Tensor], Iterable[Tuple[str, torch.Tensor]], I
 MODES = ("lars", "bidirectional")
 
 
-def _flatten_params(params: ParamsLike) -> Tuple[List[str], List[torch.Tensor], List[int]]:
-    """(names, tensors, group index of each tensor) from tensors, named pairs or param groups."""
+class _Names:
+    """Error-message names of the flattened parameters, built only when an error needs one (a
+    call's fixed cost matters: ``lars_`` runs every optimizer step)."""
+
+    def __init__(self, groups: List[int], given: Dict[int, str], group_start: Dict[int, int]) -> None:
+        self.groups, self.given, self.group_start = groups, given, group_start
+
+    def __call__(self, i: int) -> str:
+        if i in self.given:
+            return self.given[i]
+        gi = self.groups[i]
+        if gi in self.group_start:
+            return f"params[{gi}]['params'][{i - self.group_start[gi]}]"
+        return f"params[{gi}]"
+
+
+def _flatten_params(params: ParamsLike) -> Tuple[List[torch.Tensor], List[int], _Names]:
+    """(tensors, group index of each tensor, their names) from tensors, named pairs or groups."""
     if isinstance(params, torch.Tensor):
         params = [params]
-    names: List[str] = []
     tensors: List[torch.Tensor] = []
     groups: List[int] = []
-    for gi, item in enumerate(list(params)):
-        if isinstance(item, dict):
+    given: Dict[int, str] = {}
+    group_start: Dict[int, int] = {}
+    unchecked = False  # whether some entry still needs its type checked
+    for gi, item in enumerate(params):
+        if isinstance(item, torch.Tensor):  # model.parameters(): the common case first
+            tensors.append(item)
+            groups.append(gi)
+        elif isinstance(item, dict):
             members = item.get("params")
             if members is None:
                 raise ValueError(f"params[{gi}]: a parameter group needs a 'params' entry")
             members = [members] if isinstance(members, torch.Tensor) else list(members)
-            for j, t in enumerate(members):
-                names.append(f"params[{gi}]['params'][{j}]")
-                tensors.append(t)
-                groups.append(gi)
-        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
-            names.append(item[0])
-            tensors.append(item[1])
-            groups.append(gi)
+            group_start[gi] = len(tensors)
+            tensors.extend(members)
+            groups.extend([gi] * len(members))
+            unchecked = True
         else:
-            names.append(f"params[{gi}]")
-            tensors.append(item)  # type: ignore[arg-type]
+            if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+                given[len(tensors)] = item[0]
+                item = item[1]
+            tensors.append(item)
             groups.append(gi)
-    for name, t in zip(names, tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.grad is not None and t.grad.shape != t.shape:
-            raise ValueError(f"{name}: gradient shape {tuple(t.grad.shape)} differs from {tuple(t.shape)}")
-    return names, tensors, groups
+            unchecked = True
+    names = _Names(groups, given, group_start)
+    if unchecked:
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{names(i)} must be a torch.Tensor, got {type(t).__name__}")
+    return tensors, groups, names
 
 
 def lars_(
@@ -102,47 +122,52 @@ def lars_(
             raise TypeError(f"clip must be a (lo, hi) pair or None, got {clip!r}")
         c_lo = _checks.real(clip[0], "clip[0]", lo=0.0)
         clip = (c_lo, _checks.real(clip[1], "clip[1]", lo=c_lo))
-    names, tensors, groups = _flatten_params(params)
+    tensors, groups, names = _flatten_params(params)
 
-    ratios = torch.ones(len(tensors), dtype=torch.float64)
-    active = [i for i, t in enumerate(tensors) if t.grad is not None and (include_1d or t.dim() > 1)]
+    # The tensors scaled ("active"), with their weights and gradients, in one pass.
+    active: List[int] = []
+    weights: List[torch.Tensor] = []
+    grads: List[torch.Tensor] = []
+    for i, t in enumerate(tensors):
+        g = t.grad
+        if g is None:
+            continue
+        if g.shape != t.shape:
+            raise ValueError(f"{names(i)}: gradient shape {tuple(g.shape)} differs from {tuple(t.shape)}")
+        if include_1d or t.dim() > 1:
+            active.append(i)
+            weights.append(t.detach())
+            grads.append(g)
+    ratios = [1.0] * len(tensors)
     if not active:
-        return ratios
+        return torch.tensor(ratios, dtype=torch.float64)
     # Units: the tensors (or groups) that share one ratio, numbered 0..n-1 in order.
-    unit_key = [i if per == "tensor" else groups[i] for i in active]
-    unit_ids = {key: u for u, key in enumerate(dict.fromkeys(unit_key))}
-    unit = [unit_ids[key] for key in unit_key]
-    n_units = len(unit_ids)
-    weights = [tensors[i].detach() for i in active]
-    grads = [tensors[i].grad for i in active]
+    if per == "tensor":
+        unit = list(range(len(active)))
+    else:
+        unit_ids: Dict[int, int] = {}
+        unit = [unit_ids.setdefault(groups[i], len(unit_ids)) for i in active]
+    n_units = unit[-1] + 1
     options = (eta, weight_decay, eps, clip, target, lo, hi)
-    first_of_unit = {u: active[j] for j, u in reversed(list(enumerate(unit)))}
 
     def non_finite(u: int, norm: float) -> ValueError:
-        return ValueError(f"{names[first_of_unit[u]]}: gradient norm is not finite ({norm}); no gradient was modified")
+        name = names(active[unit.index(u)])  # the unit's first tensor
+        return ValueError(f"{name}: gradient norm is not finite ({norm}); no gradient was modified")
 
-    grads_ok = all(g is not None and g.is_contiguous() for g in grads)
-    if grads_ok and _backend.rust_handles(*weights, *grads):  # type: ignore[arg-type]
-        fn = _backend.native_fn("lars", grads[0].dtype)  # type: ignore[union-attr]
+    if _backend.rust_handles(*weights, *grads) and all(g.is_contiguous() for g in grads):
+        fn = _backend.native_fn("lars", grads[0].dtype)
+        view = _backend.numpy_view
         try:
-            unit_ratios = fn(
-                [w.reshape(-1).numpy() for w in weights],
-                [g.view(-1).numpy() for g in grads],  # type: ignore[union-attr]
-                unit,
-                n_units,
-                mode,
-                options,
-                _backend.num_threads(),
-            )
+            unit_ratios = fn([view(w) for w in weights], [view(g) for g in grads], unit, n_units, mode, options, _backend.num_threads())
         except ValueError as exc:
             if len(exc.args) == 3 and isinstance(exc.args[1], int):  # (message, unit, norm)
                 raise non_finite(exc.args[1], exc.args[2]) from None
             raise
     else:
-        unit_ratios = _lars_torch(weights, grads, unit, n_units, mode, options, non_finite)  # type: ignore[arg-type]
+        unit_ratios = _lars_torch(weights, grads, unit, n_units, mode, options, non_finite)
     for j, i in enumerate(active):
         ratios[i] = unit_ratios[unit[j]]
-    return ratios
+    return torch.tensor(ratios, dtype=torch.float64)
 
 
 def _unit_ratio(mode: str, options: Sequence[Any], w_norm: float, g_norm: float) -> float:
