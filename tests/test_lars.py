@@ -156,3 +156,31 @@ def test_strided_weights_and_gradients(backend: str) -> None:
     torch.testing.assert_close(r_q, r_p, rtol=1e-6, atol=0)
     torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=0)
     assert not q.grad.is_contiguous()  # still the caller's tensor
+
+
+@pytest.mark.parametrize("mode", ["lars", "bidirectional"])
+def test_a_team_gives_the_one_thread_result(mode: str) -> None:
+    """Large tensors run on torch's OpenMP team (the real path; ``cargo test`` covers the rayon
+    fallback): ratios and gradients bit for bit those of one thread, and a non-finite gradient
+    found on the team modifies nothing."""
+    base = make_params([(700, 300), (5,), (300, 700), (1, 1)], 9)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ps = clone_params(base)
+            with moerust.use_backend("rust"):
+                out[threads] = (ops.lars_(ps, mode=mode, weight_decay=0.01, eta=0.02), [p.grad for p in ps])
+            ps = clone_params(base)
+            ps[2].grad[-1, -1] = float("nan")
+            saved = [p.grad.clone() for p in ps]
+            with moerust.use_backend("rust"), pytest.raises(ValueError, match=r"params\[2\]"):
+                ops.lars_(ps, mode=mode)
+            for p, g in zip(ps, saved):
+                torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out[2][0], out[1][0], rtol=0, atol=0)
+    for a, b in zip(out[2][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
