@@ -149,7 +149,8 @@ def test_lars_from_four_threads_at_once() -> None:
     sources = []
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
-        sources.append([(torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)) for _ in range(3)])
+        # 210,000 elements per tensor: several pieces each, so every call runs a team region.
+        sources.append([(torch.randn(300, 700, generator=g), torch.randn(300, 700, generator=g)) for _ in range(3)])
 
     def run(seed: int):  # type: ignore[no-untyped-def]
         params = []
