@@ -591,31 +591,6 @@ pub fn expert_mlp_forward_gathered<T: MlpReal>(
     out: &mut [T],
 ) -> KResult<()> {
     let columns = by_columns(s, team_size());
-    forward_gathered_in(s, x, t, row_token, xs, w1, w2, offsets, h, out, columns)
-}
-
-/// [`expert_mlp_forward_gathered`] in the column layout or not, as `columns` says.
-#[allow(clippy::too_many_arguments)]
-fn forward_gathered_in<T: MlpReal>(
-    s: &MlpShape,
-    x: &[T],
-    t: usize,
-    row_token: &[i64],
-    xs: &mut [T],
-    w1: &[T],
-    w2: &[T],
-    offsets: &[i64],
-    h: &mut [T],
-    out: &mut [T],
-    columns: bool,
-) -> KResult<()> {
-    check_len("x", x.len(), t * s.d)?;
-    check_len("plan.row_token", row_token.len(), s.r)?;
-    if columns {
-        // Column blocks share rows between tasks: gather first.
-        crate::dispatch::gather(x, t, s.d, row_token, xs)?;
-        return forward_in(s, Rows::Given(xs), w1, w2, offsets, h, out, columns);
-    }
     let rows = Rows::Gather {
         x,
         t,
@@ -639,7 +614,7 @@ enum Rows<'a, T> {
 }
 
 /// [`expert_mlp_forward`] in the column layout or not, as `columns` says (`rows`: see
-/// [`Rows`]; `Gather` only by row tiles).
+/// [`Rows`]; the column layout gathers first, its blocks sharing rows between tasks).
 #[allow(clippy::too_many_arguments)]
 fn forward_in<T: MlpReal>(
     s: &MlpShape,
@@ -654,7 +629,16 @@ fn forward_in<T: MlpReal>(
     let (d, f, h1) = (s.d, s.f, s.h1());
     match &rows {
         Rows::Given(xs) => check_sizes(s, xs, w1, w2)?,
-        Rows::Gather { xs, .. } => check_sizes(s, xs, w1, w2)?,
+        Rows::Gather {
+            x,
+            t,
+            row_token,
+            xs,
+        } => {
+            check_len("x", x.len(), t * d)?;
+            check_len("plan.row_token", row_token.len(), s.r)?;
+            check_sizes(s, xs, w1, w2)?
+        }
     }
     check_len("h", h.len(), s.r * h1)?;
     check_len("out", out.len(), s.r * d)?;
@@ -679,6 +663,12 @@ fn forward_in<T: MlpReal>(
             row_token,
             xs,
         } => {
+            if columns {
+                // Column blocks share rows between tasks: gather first.
+                crate::dispatch::gather(x, t, d, row_token, xs)?;
+                crate::expert_columns::forward(s, xs, w1, w2, &ranges, h, out, threads);
+                return Ok(());
+            }
             let parts = split_by_tiles(xs, d, &tiles)
                 .into_iter()
                 .map(Some)
@@ -1179,10 +1169,13 @@ mod tests {
                     (vec![7.0; r * d], vec![0.0; r * s.h1()], vec![0.0; r * d]);
                 let res = with_team(3, usize::MAX, || {
                     if gathered {
-                        forward_gathered_in(
-                            &s, &x, t, tokens, &mut xs, &w1, &w2, &offsets, &mut h, &mut out,
-                            columns,
-                        )
+                        let rows = Rows::Gather {
+                            x: &x,
+                            t,
+                            row_token: tokens,
+                            xs: &mut xs,
+                        };
+                        forward_in(&s, rows, &w1, &w2, &offsets, &mut h, &mut out, columns)
                     } else {
                         xs.copy_from_slice(&want_xs);
                         let rows = Rows::Given(&want_xs);
