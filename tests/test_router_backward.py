@@ -62,9 +62,12 @@ def test_backends_agree(t: int, e: int, d: int, data: Any, use: Dict[str, bool],
     c = _case(t, e, k, d, seed, dtype, scale)
     out = on_both(_run, c, use, renormalize, temperature)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    for a, b in zip(out["rust"], out["torch"]):
+    # dweight = dlogits^T x sums t products of size ~scale that can cancel to ~1: in float32 its
+    # rounding is ~1e-7 * scale per term whatever the result (seen: 5e-4 at scale 1e3, t = 27).
+    wtol = dict(tol, atol=tol["atol"] * scale)
+    for a, b, what in zip(out["rust"], out["torch"], (tol, wtol)):
         assert a.shape == b.shape and a.dtype == b.dtype
-        torch.testing.assert_close(a, b, equal_nan=True, **tol)
+        torch.testing.assert_close(a, b, equal_nan=True, **what)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
