@@ -16,12 +16,11 @@
 use std::marker::PhantomData;
 
 use crate::expert_mlp::{
-    act_backward_parts, act_forward_parts, matmul, matmul_raw, Activation, MlpReal, MlpShape,
-    Strides,
+    act_backward_parts, act_forward_parts, matmul, matmul_raw, row_tiles, Activation, MlpReal,
+    MlpShape, Strides,
 };
 use crate::isa::with_best_isa;
 use crate::omp_team::for_each_task;
-use crate::row_tasks::row_tiles;
 
 /// Most rows of one expert in a tile (an expert with more is cut into equal tiles).
 pub(crate) const TILE_ROWS: usize = 512;

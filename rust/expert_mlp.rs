@@ -10,16 +10,13 @@
 //! synchronisation than it gains. Here the unit of parallel work is a tile of rows of one expert:
 //! one core runs both GEMMs of the tile and the activation between them while the tile is still
 //! in its cache, and tiles of all experts are scheduled together, so experts with few rows still
-//! keep every core busy; a task may run a few consecutive tiles, so that the team's tasks have
-//! equal rows when whole-expert tiles would not share out evenly ([`crate::row_tasks`]). The
-//! weight gradients are tiled the same way, by blocks of output rows.
+//! keep every core busy. The weight gradients are tiled the same way, by blocks of output rows.
 //! GEMMs are the `gemm` crate's single-threaded kernels (runtime-selected SIMD, AVX-512 included).
 
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
 use crate::omp_team::{for_each_part, try_for_each_part};
 use crate::real::Real;
-use crate::row_tasks::RowTasks;
 use crate::threads::team_size;
 
 /// The expert MLP's activation.
@@ -463,6 +460,31 @@ fn expert_waves(ranges: &[(usize, usize)], budget_rows: usize) -> Vec<(usize, us
     waves
 }
 
+/// Splits each expert's rows into tiles of about `rows_per_tile` rows: `(expert, start, end)`.
+/// The tiles partition `0..R` in order.
+pub(crate) fn row_tiles(
+    ranges: &[(usize, usize)],
+    rows_per_tile: usize,
+) -> Vec<(usize, usize, usize)> {
+    let mut tiles = Vec::new();
+    for (e, &(lo, hi)) in ranges.iter().enumerate() {
+        let n = hi - lo;
+        if n == 0 {
+            continue;
+        }
+        // Equal tiles rather than full tiles plus a sliver.
+        let parts = n.div_ceil(rows_per_tile);
+        let step = n.div_ceil(parts);
+        let mut start = lo;
+        while start < hi {
+            let end = (start + step).min(hi);
+            tiles.push((e, start, end));
+            start = end;
+        }
+    }
+    tiles
+}
+
 /// Rows per tile: about three tiles per thread (uneven experts still balance), but at least
 /// [`MIN_TILE_ROWS`].
 fn tile_rows(total_rows: usize, threads: usize) -> usize {
@@ -500,6 +522,16 @@ const COLUMN_LAYOUT_BELOW_ROWS: usize = 256;
 
 /// Narrowest model for the column layout (see [`by_columns`]).
 const COLUMN_LAYOUT_MIN_D: usize = 128;
+
+/// Pairs each tile's part with the tile's index and orders them by decreasing rows: the team takes
+/// tasks in order, and handing out the largest first keeps the last tasks small, so threads
+/// finish together when experts (and so tiles) differ in size (longest-processing-time order).
+fn largest_first<P>(tiles: &[(usize, usize, usize)], parts: Vec<P>) -> Vec<(usize, P)> {
+    let mut indexed: Vec<(usize, P)> = parts.into_iter().enumerate().collect();
+    // Stable: equal tiles keep their order (and their cache-friendly expert grouping).
+    indexed.sort_by_key(|&(i, _)| std::cmp::Reverse(tiles[i].2 - tiles[i].1));
+    indexed
+}
 
 /// Cuts `buf` (rows of `width` entries) into the row ranges of `tiles`, which partition it in order.
 fn split_by_tiles<'a, T>(
@@ -615,8 +647,7 @@ fn forward_in<T: MlpReal>(
         return Ok(());
     }
     let threads = team_size();
-    let tasks = RowTasks::plan(&ranges, tile_rows(s.r, threads), threads);
-    let tiles = &tasks.tiles;
+    let tiles = row_tiles(&ranges, tile_rows(s.r, threads));
     // Each tile's rows: a part of `xs` to gather into, or none (read from `given`).
     let (given, gather, xs_parts): (&[T], _, Vec<Option<&mut [T]>>) = match rows {
         Rows::Given(xs) => {
@@ -638,19 +669,25 @@ fn forward_in<T: MlpReal>(
                 crate::expert_columns::forward(s, xs, w1, w2, &ranges, h, out, threads);
                 return Ok(());
             }
-            let parts = split_by_tiles(xs, d, tiles).into_iter().map(Some).collect();
+            let parts = split_by_tiles(xs, d, &tiles)
+                .into_iter()
+                .map(Some)
+                .collect();
             (&[], Some((x, t, row_token)), parts)
         }
     };
-    let parts = tasks.group(
-        split_by_tiles(h, h1, tiles)
+    let parts = largest_first(
+        &tiles,
+        split_by_tiles(h, h1, &tiles)
             .into_iter()
-            .zip(split_by_tiles(out, d, tiles))
+            .zip(split_by_tiles(out, d, &tiles))
             .zip(xs_parts)
             .collect(),
     );
-    try_for_each_part(threads, parts, |_, task| -> KResult<()> {
-        for (i, ((h, out), xs_part)) in task {
+    try_for_each_part(
+        threads,
+        parts,
+        |_, (i, ((h, out), xs_part))| -> KResult<()> {
             let (e, lo, hi) = tiles[i];
             let n = hi - lo;
             let rows: &[T] = match (xs_part, gather) {
@@ -697,9 +734,9 @@ fn forward_in<T: MlpReal>(
                     Strides::transposed(f),
                 );
             });
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )
 }
 
 /// Gradients of the forward: `dxs [R, d]`, `dw1 [E, H1, d]`, `dw2 [E, d, F]` from the output
@@ -823,56 +860,55 @@ fn backward_in_waves<T: MlpReal>(
             // small wave does not shrink the tiles (each tile packs its expert's weights again).
             let rows_per_tile = tile_rows(n_rows, threads)
                 .max(tile_rows(s.r, threads).min(n_rows.div_ceil(threads)));
-            let tasks = RowTasks::plan(&local, rows_per_tile, threads);
-            let tiles = &tasks.tiles;
-            let a_parts = split_by_tiles(&mut *a_all, f, tiles);
-            let dh_parts = split_by_tiles(&mut *dh_all, h1, tiles);
-            let dx_parts = split_by_tiles(&mut *dx_wave, d, tiles);
-            let parts = tasks.group(a_parts.into_iter().zip(dh_parts).zip(dx_parts).collect());
-            for_each_part(threads, parts, |_, task| {
-                for (i, ((a, dh), dx)) in task {
-                    let (el, lo, hi) = tiles[i];
-                    let (e, lo, hi) = (e_lo + el, lo + row0, hi + row0);
-                    let n = hi - lo;
-                    let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
-                    let w2e = &w2[e * d * f..(e + 1) * d * f];
-                    T::with_tile_scratch(n * f, |da| {
-                        matmul(
-                            n,
-                            f,
-                            d,
-                            da,
-                            f,
-                            &grad[lo * d..hi * d],
-                            Strides::row_major(d),
-                            w2e,
-                            Strides::row_major(f),
-                        );
-                        with_best_isa(
-                            #[inline(always)]
-                            || {
-                                let rows =
-                                    h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
-                                for ((hr, dar), (ar, dhr)) in
-                                    rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1)))
-                                {
-                                    act_backward(s.act, hr, dar, ar, dhr);
-                                }
-                            },
-                        );
-                    });
+            let tiles = row_tiles(&local, rows_per_tile);
+            let a_parts = split_by_tiles(&mut *a_all, f, &tiles);
+            let dh_parts = split_by_tiles(&mut *dh_all, h1, &tiles);
+            let dx_parts = split_by_tiles(&mut *dx_wave, d, &tiles);
+            let parts = largest_first(
+                &tiles,
+                a_parts.into_iter().zip(dh_parts).zip(dx_parts).collect(),
+            );
+            for_each_part(threads, parts, |_, (i, ((a, dh), dx))| {
+                let (el, lo, hi) = tiles[i];
+                let (e, lo, hi) = (e_lo + el, lo + row0, hi + row0);
+                let n = hi - lo;
+                let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
+                let w2e = &w2[e * d * f..(e + 1) * d * f];
+                T::with_tile_scratch(n * f, |da| {
                     matmul(
                         n,
+                        f,
                         d,
-                        h1,
-                        dx,
-                        d,
-                        dh,
-                        Strides::row_major(h1),
-                        w1e,
+                        da,
+                        f,
+                        &grad[lo * d..hi * d],
                         Strides::row_major(d),
+                        w2e,
+                        Strides::row_major(f),
                     );
-                }
+                    with_best_isa(
+                        #[inline(always)]
+                        || {
+                            let rows = h[lo * h1..hi * h1].chunks_exact(h1).zip(da.chunks_exact(f));
+                            for ((hr, dar), (ar, dhr)) in
+                                rows.zip(a.chunks_exact_mut(f).zip(dh.chunks_exact_mut(h1)))
+                            {
+                                act_backward(s.act, hr, dar, ar, dhr);
+                            }
+                        },
+                    );
+                });
+                matmul(
+                    n,
+                    d,
+                    h1,
+                    dx,
+                    d,
+                    dh,
+                    Strides::row_major(h1),
+                    w1e,
+                    Strides::row_major(d),
+                );
             });
         }
 
@@ -1048,27 +1084,10 @@ mod tests {
         columns: bool,
         budget_rows: usize,
     ) -> [Vec<f64>; 4] {
-        run_on_team(3, s, xs, w1, w2, offsets, grad, r, columns, budget_rows)
-    }
-
-    /// [`run_layout`] on a team of `team`.
-    #[allow(clippy::too_many_arguments)]
-    fn run_on_team(
-        team: usize,
-        s: &MlpShape,
-        xs: &[f64],
-        w1: &[f64],
-        w2: &[f64],
-        offsets: &[i64],
-        grad: &[f64],
-        r: usize,
-        columns: bool,
-        budget_rows: usize,
-    ) -> [Vec<f64>; 4] {
         let d = s.d;
         let mut h = vec![0.0; r * s.h1()];
         let mut out = vec![7.0; r * d];
-        with_team(team, usize::MAX, || {
+        with_team(3, usize::MAX, || {
             forward_in(
                 s,
                 Rows::Given(xs),
@@ -1083,7 +1102,7 @@ mod tests {
         .unwrap();
         let (mut dxs, mut dw1, mut dw2) =
             (vec![7.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
-        with_team(team, usize::MAX, || {
+        with_team(3, usize::MAX, || {
             backward_in_waves(
                 s,
                 grad,
@@ -1129,31 +1148,6 @@ mod tests {
             check(act, &[300, 7, 0, 129], 8, 5); // several tiles per expert
             check(act, &[1100, 0, 3, 520], 5, 37); // several column-layout tiles, odd blocks
         }
-    }
-
-    #[test]
-    fn balanced_chunks_match_the_reference() {
-        // The d = 64 benchmark layer's expert sizes at 16 threads: the tasks are chunks of rows
-        // crossing expert boundaries (planned so in row_tasks), with the reference's values, as
-        // one thread running whole-expert tiles.
-        let counts = [284, 272, 223, 221, 237, 279, 272, 260];
-        let (s, offsets) = shape_of(&counts, 4, 3, Activation::SwiGlu);
-        let r = s.r;
-        let ranges = expert_ranges(&offsets, &s).unwrap();
-        let plan = RowTasks::plan(&ranges, tile_rows(r, 16), 16);
-        assert!((0..plan.len()).any(|j| plan.tiles_of(j).len() > 1));
-        let (xs, w1, w2, grad) = (
-            lcg(r * s.d, 1),
-            lcg(s.e * s.h1() * s.d, 2),
-            lcg(s.e * s.d * s.f, 3),
-            lcg(r * s.d, 4),
-        );
-        let one = run_on_team(1, &s, &xs, &w1, &w2, &offsets, &grad, r, false, r);
-        let many = run_on_team(16, &s, &xs, &w1, &w2, &offsets, &grad, r, false, r);
-        // (Not bit for bit: the GEMM's rounding depends on a tile's rows, as with any tiling.)
-        let want = reference(&s, &xs, &w1, &w2, &offsets, &grad);
-        compare(&one, &want, "one thread, whole-expert tiles");
-        compare(&many, &want, "16 threads, chunks");
     }
 
     #[test]

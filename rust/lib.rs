@@ -18,7 +18,6 @@ pub mod routed_experts;
 pub mod router_backward;
 pub mod router_forward;
 pub mod routing;
-pub mod row_tasks;
 pub mod softmax;
 pub mod stream;
 #[cfg(test)]
