@@ -18,6 +18,7 @@ use crate::isa::with_best_isa;
 use crate::omp_team::{for_each_part, try_for_each_part};
 use crate::real::Real;
 use crate::threads::team_size;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The expert MLP's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -485,13 +486,32 @@ pub(crate) fn row_tiles(
     tiles
 }
 
+/// Tiles per thread and fewest rows per tile of [`tile_rows`]: 3 and [`MIN_TILE_ROWS`] unless
+/// set otherwise for a measurement ([`set_tile_rows`]).
+static TILES_PER_THREAD: AtomicUsize = AtomicUsize::new(3);
+static TILE_FLOOR: AtomicUsize = AtomicUsize::new(MIN_TILE_ROWS);
+
+/// Sets the row tiles' size rule (a diagnostic, so that tile sizes can be compared in one
+/// process): about `per_thread` tiles per thread, at least `min_rows` rows each (at most 512).
+pub fn set_tile_rows(per_thread: usize, min_rows: usize) -> KResult<()> {
+    if per_thread == 0 || min_rows == 0 {
+        return value_err(format!(
+            "per_thread and min_rows must be at least 1, got {per_thread} and {min_rows}"
+        ));
+    }
+    TILES_PER_THREAD.store(per_thread, Ordering::Relaxed);
+    TILE_FLOOR.store(min_rows, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Rows per tile: about three tiles per thread (uneven experts still balance), but at least
-/// [`MIN_TILE_ROWS`].
+/// [`MIN_TILE_ROWS`] (the rule [`set_tile_rows`] changes).
 fn tile_rows(total_rows: usize, threads: usize) -> usize {
+    let floor = TILE_FLOOR.load(Ordering::Relaxed).min(512);
     total_rows
-        .div_ceil(3 * threads)
+        .div_ceil(TILES_PER_THREAD.load(Ordering::Relaxed) * threads.max(1))
         .next_multiple_of(16)
-        .clamp(MIN_TILE_ROWS, 512)
+        .clamp(floor, 512)
 }
 
 /// Whether a call runs by column blocks ([`crate::expert_columns`]) instead of by row tiles:

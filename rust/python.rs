@@ -1401,6 +1401,13 @@ fn region_log(on: bool) -> Vec<(u64, u64, usize)> {
     crate::omp_team::take_log(on)
 }
 
+/// Sets the expert kernels' row-tile rule: about `per_thread` tiles per thread, at least
+/// `min_rows` rows each (the default is 3 and 64). A diagnostic, for measurements.
+#[pyfunction]
+fn set_tile_rows(per_thread: usize, min_rows: usize) -> PyResult<()> {
+    crate::expert_mlp::set_tile_rows(per_thread, min_rows).map_err(Into::into)
+}
+
 /// Now, in nanoseconds on the region log's clock.
 #[pyfunction]
 fn region_clock_ns() -> u64 {
@@ -1498,6 +1505,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(f)?;
     }
     m.add_function(wrap_pyfunction!(region_log, m)?)?;
+    m.add_function(wrap_pyfunction!(set_tile_rows, m)?)?;
     m.add_function(wrap_pyfunction!(region_clock_ns, m)?)?;
     m.add_function(wrap_pyfunction!(pool_clear, m)?)?;
     Ok(())

@@ -40,3 +40,33 @@ def test_regions_are_counted_and_logged() -> None:
     assert len(log) == counted >= 1
     for s, e, tasks in log:
         assert start <= s <= e <= end and tasks >= 1
+
+
+def test_tile_rows_rule_changes_tiles_not_results() -> None:
+    """``set_tile_rows`` (for measurements) changes how the expert kernels tile their rows, not
+    what they compute (up to the products' rounding); a zero is a ValueError naming both."""
+    from moerust.nn import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=16, hidden=32, num_experts=4, k=2))
+    x = torch.randn(700, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _backend.use_backend("rust"):
+            want = layer(x)[0]
+            tasks = []
+            for rule in [(1, 1), (8, 16), (2, 512)]:
+                _native.set_tile_rows(*rule)
+                _native.region_log(True)
+                torch.testing.assert_close(layer(x)[0], want, rtol=1e-5, atol=1e-6)
+                tasks.append(sorted(n for _, _, n in _native.region_log(False)))
+    finally:
+        _native.set_tile_rows(3, 64)
+        torch.set_num_threads(threads)
+    if _backend._openmp_entry() != 0:  # (the region log needs the OpenMP team)
+        # 1400 rows of 4 experts: 4 tiles (512-row rule), 16 tiles of 96 rows (8 per thread).
+        assert tasks[1] != tasks[2] and max(tasks[1]) >= 16, tasks
+    for bad in [(0, 64), (3, 0)]:
+        with pytest.raises(ValueError, match="per_thread and min_rows"):
+            _native.set_tile_rows(*bad)
