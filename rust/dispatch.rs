@@ -417,46 +417,96 @@ fn combine_backward_rows<F: Real>(
             .zip(ys_parts)
             .zip(row_token.chunks(rows).zip(row_slot.chunks(rows)))
             .collect();
+        let rows_of = CombineRows {
+            grad,
+            t,
+            weights,
+            d,
+        };
         try_for_each_part(
             team_size(),
             parts,
             |_, (((gys, dots), ys), (toks, slots))| {
-                let mut writer = stream::RowWriter::new(nt, d, F::ZERO);
-                with_best_isa(
-                    #[inline(always)]
-                    || {
-                        for (i, ((gy, dot_out), (&tok, &slot))) in gys
-                            .chunks_exact_mut(d)
-                            .zip(dots.iter_mut())
-                            .zip(toks.iter().zip(slots))
-                            .enumerate()
-                        {
-                            let tok = row_index("plan.row_token", tok, t)?;
-                            let slot = row_index("plan.row_slot", slot, n)?;
-                            let g = &grad[tok * d..(tok + 1) * d];
-                            // The dot first: in place, `gy` still holds the row of ys.
-                            *dot_out = match ys {
-                                Some(ys) => dot(g, &ys[i * d..(i + 1) * d]),
-                                None => dot(g, gy),
-                            };
-                            let w = weights[slot];
-                            for (o, &gv) in writer.target(gy).iter_mut().zip(g) {
-                                *o = w * gv;
-                            }
-                            writer.flush(gy);
-                        }
-                        Ok(())
-                    },
-                )
+                rows_of.backward_block(ys, toks, slots, gys, dots, nt)
             },
         )?;
     }
-    // T*K scalars: not worth a parallel pass.
+    weight_grads_from_dots(&dots, slot_row, grad_w)
+}
+
+/// What the combine's backward reads for any block of rows: the output gradient `grad [t, d]`
+/// and the slot weights `[T * K]`.
+#[derive(Clone, Copy)]
+pub struct CombineRows<'a, F> {
+    /// Gradient of the combined output, `[t, d]`.
+    pub grad: &'a [F],
+    /// Tokens.
+    pub t: usize,
+    /// Slot weights, `[T * K]`.
+    pub weights: &'a [F],
+    /// Features.
+    pub d: usize,
+}
+
+impl<F: Real> CombineRows<'_, F> {
+    /// The combine's backward for one block of rows with tokens `toks` and slots `slots`:
+    /// `dots[i] = <grad[tok], ys_i>` and `gys_i = weights[slot] * grad[tok]`, where `ys_i` is row
+    /// `i` of `ys`, or (`ys` None) of `gys` itself, read before it is overwritten. `stream`:
+    /// write `gys` with streaming stores. Every block computes each row the same way, so the
+    /// blocking does not change the bits.
+    pub fn backward_block(
+        &self,
+        ys: Option<&[F]>,
+        toks: &[i64],
+        slots: &[i64],
+        gys: &mut [F],
+        dots: &mut [F],
+        stream: bool,
+    ) -> KResult<()> {
+        let (d, t, n) = (self.d, self.t, self.weights.len());
+        let mut writer = stream::RowWriter::new(stream, d, F::ZERO);
+        with_best_isa(
+            #[inline(always)]
+            || {
+                for (i, ((gy, dot_out), (&tok, &slot))) in gys
+                    .chunks_exact_mut(d)
+                    .zip(dots.iter_mut())
+                    .zip(toks.iter().zip(slots))
+                    .enumerate()
+                {
+                    let tok = row_index("plan.row_token", tok, t)?;
+                    let slot = row_index("plan.row_slot", slot, n)?;
+                    let g = &self.grad[tok * d..(tok + 1) * d];
+                    // The dot first: in place, `gy` still holds the row of ys.
+                    *dot_out = match ys {
+                        Some(ys) => dot(g, &ys[i * d..(i + 1) * d]),
+                        None => dot(g, gy),
+                    };
+                    let w = self.weights[slot];
+                    for (o, &gv) in writer.target(gy).iter_mut().zip(g) {
+                        *o = w * gv;
+                    }
+                    writer.flush(gy);
+                }
+                Ok(())
+            },
+        )
+    }
+}
+
+/// `grad_w[s]` = the dot product of slot `s`'s row (`dots [R]`, per row), 0 for slots without a
+/// row. T*K scalars: not worth a parallel pass.
+pub fn weight_grads_from_dots<F: Real>(
+    dots: &[F],
+    slot_row: &[i64],
+    grad_w: &mut [F],
+) -> KResult<()> {
+    check_len("grad_w", grad_w.len(), slot_row.len())?;
     for (gw, &row) in grad_w.iter_mut().zip(slot_row) {
         *gw = if row == -1 {
             F::ZERO
         } else {
-            dots[row_index("plan.slot_row", row, r)?]
+            dots[row_index("plan.slot_row", row, dots.len())?]
         };
     }
     Ok(())

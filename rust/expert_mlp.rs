@@ -13,6 +13,7 @@
 //! keep every core busy. The weight gradients are tiled the same way, by blocks of output rows.
 //! GEMMs are the `gemm` crate's single-threaded kernels (runtime-selected SIMD, AVX-512 included).
 
+use crate::dispatch::CombineRows;
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
 use crate::omp_team::{for_each_part, try_for_each_part};
@@ -775,6 +776,83 @@ pub fn expert_mlp_backward<T: MlpReal>(
     dw1: &mut [T],
     dw2: &mut [T],
 ) -> KResult<()> {
+    let grad = GradRows::Given(grad);
+    expert_mlp_backward_from(s, grad, xs, h, w1, w2, offsets, dxs, dw1, dw2)
+}
+
+/// Where the expert backward's output gradient `grad [R, d]` comes from.
+pub enum GradRows<'a, T> {
+    /// Given.
+    Given(&'a [T]),
+    /// The combine's backward ([`crate::dispatch::combine_backward`]), each row tile computing
+    /// its own rows in the tiles' parallel region (one fork/join fewer than computing them
+    /// first, and the rows are in cache for the tile's first product).
+    Combine(CombineGrad<'a, T>),
+}
+
+/// The combine's backward computed by the expert backward's tiles: `gys [R, d]` (the rows of
+/// `grad`) and `dots [R]` (each row's dot product, for the weights' gradient:
+/// [`crate::dispatch::weight_grads_from_dots`]).
+pub struct CombineGrad<'a, T> {
+    /// The combine's output gradient and weights.
+    pub rows: CombineRows<'a, T>,
+    /// The expert outputs `[R, d]`, or None when they are in `gys` (overwritten row by row).
+    pub ys: Option<&'a [T]>,
+    /// `[R]` token of each row.
+    pub row_token: &'a [i64],
+    /// `[R]` slot of each row.
+    pub row_slot: &'a [i64],
+    /// `[R, d]` the rows of `grad`, filled by the backward.
+    pub gys: &'a mut [T],
+    /// `[R]` the rows' dot products, filled by the backward.
+    pub dots: &'a mut [T],
+}
+
+impl<T: MlpReal> CombineGrad<'_, T> {
+    fn check(&self, r: usize, d: usize) -> KResult<()> {
+        check_len("grad_ys", self.gys.len(), r * d)?;
+        check_len("plan.row_token", self.row_token.len(), r)?;
+        check_len("plan.row_slot", self.row_slot.len(), r)?;
+        check_len("dots", self.dots.len(), r)?;
+        match self.ys {
+            Some(ys) => check_len("ys", ys.len(), r * d),
+            None => Ok(()),
+        }
+    }
+
+    /// Every row at once, over the team (for the column layout, whose tasks share rows).
+    fn fill_all(&mut self, threads: usize) -> KResult<()> {
+        let (rows, ys, row_token, row_slot) = (self.rows, self.ys, self.row_token, self.row_slot);
+        let (r, d) = (self.dots.len(), rows.d);
+        let block = crate::threads::rows_per_task(r, 2 * d, 1 << 14);
+        let parts: Vec<_> = self
+            .gys
+            .chunks_mut(block * d)
+            .zip(self.dots.chunks_mut(block))
+            .collect();
+        try_for_each_part(threads, parts, |b, (gys, dots)| {
+            let (lo, hi) = (b * block, b * block + dots.len());
+            let ys = ys.map(|ys| &ys[lo * d..hi * d]);
+            let (toks, slots) = (&row_token[lo..hi], &row_slot[lo..hi]);
+            rows.backward_block(ys, toks, slots, gys, dots, false)
+        })
+    }
+}
+
+/// [`expert_mlp_backward`] whose output gradient comes from `grad` ([`GradRows`]).
+#[allow(clippy::too_many_arguments)]
+pub fn expert_mlp_backward_from<T: MlpReal>(
+    s: &MlpShape,
+    grad: GradRows<'_, T>,
+    xs: &[T],
+    h: &[T],
+    w1: &[T],
+    w2: &[T],
+    offsets: &[i64],
+    dxs: &mut [T],
+    dw1: &mut [T],
+    dw2: &mut [T],
+) -> KResult<()> {
     // The floor keeps every wave at least two minimum-size tiles per thread, so a wave still
     // spreads over the whole team.
     let row_bytes = std::mem::size_of::<T>() * (s.f + s.act.h1(s.f));
@@ -802,7 +880,7 @@ pub fn expert_mlp_backward<T: MlpReal>(
 #[allow(clippy::too_many_arguments)]
 fn backward_in_waves<T: MlpReal>(
     s: &MlpShape,
-    grad: &[T],
+    grad: GradRows<'_, T>,
     xs: &[T],
     h: &[T],
     w1: &[T],
@@ -816,13 +894,36 @@ fn backward_in_waves<T: MlpReal>(
 ) -> KResult<()> {
     check_sizes(s, xs, w1, w2)?;
     let (d, f, h1) = (s.d, s.f, s.h1());
-    check_len("grad", grad.len(), s.r * d)?;
+    // `given`: the rows of `grad` when they exist before phase 1; else `fill` computes them.
+    let (given, mut fill): (&[T], Option<CombineGrad<'_, T>>) = match grad {
+        GradRows::Given(g) => {
+            check_len("grad", g.len(), s.r * d)?;
+            (g, None)
+        }
+        GradRows::Combine(c) => {
+            c.check(s.r, d)?;
+            (&[], Some(c))
+        }
+    };
     check_len("h", h.len(), s.r * h1)?;
     check_len("dxs", dxs.len(), s.r * d)?;
     check_len("dw1", dw1.len(), w1.len())?;
     check_len("dw2", dw2.len(), w2.len())?;
     let ranges = expert_ranges(offsets, s)?;
     let threads = team_size();
+    let given = match fill.take() {
+        // The column layout's tasks share rows: every row of `grad` first. So on one thread,
+        // where there is no region to save: the rows in order measured 1-2 % faster there
+        // (`cargo run --release --example routed_backward_timing 1`).
+        Some(mut c) if columns || threads == 1 => {
+            c.fill_all(threads)?;
+            c.gys
+        }
+        other => {
+            fill = other;
+            given
+        }
+    };
     // Experts go through both phases in waves of consecutive experts whose rows fit the scratch
     // budget (an expert with more rows forms a wave of its own): the scratch for `a` and `dh` is
     // then one wave's rows rather than all R, which keeps the backward's peak memory near the
@@ -854,7 +955,7 @@ fn backward_in_waves<T: MlpReal>(
         if columns && n_rows > 0 {
             crate::expert_columns::backward_rows(
                 s,
-                grad,
+                given,
                 h,
                 w1,
                 w2,
@@ -884,14 +985,46 @@ fn backward_in_waves<T: MlpReal>(
             let a_parts = split_by_tiles(&mut *a_all, f, &tiles);
             let dh_parts = split_by_tiles(&mut *dh_all, h1, &tiles);
             let dx_parts = split_by_tiles(&mut *dx_wave, d, &tiles);
+            // With `fill`, each tile's rows of gys and dots, computed by the tile first.
+            type Filled<'b, T> = Vec<Option<(&'b mut [T], &'b mut [T])>>;
+            let (fill_ref, ys, row_token, row_slot, fill_parts): (_, _, _, _, Filled<'_, T>) =
+                match &mut fill {
+                    Some(c) => {
+                        let gys = split_by_tiles(&mut c.gys[row0 * d..row1 * d], d, &tiles);
+                        let dots = split_by_tiles(&mut c.dots[row0..row1], 1, &tiles);
+                        let parts = gys.into_iter().zip(dots).map(Some).collect();
+                        (Some(c.rows), c.ys, c.row_token, c.row_slot, parts)
+                    }
+                    None => (
+                        None,
+                        None,
+                        &[][..],
+                        &[][..],
+                        tiles.iter().map(|_| None).collect(),
+                    ),
+                };
             let parts = largest_first(
                 &tiles,
-                a_parts.into_iter().zip(dh_parts).zip(dx_parts).collect(),
+                a_parts
+                    .into_iter()
+                    .zip(dh_parts)
+                    .zip(dx_parts)
+                    .zip(fill_parts)
+                    .collect(),
             );
-            for_each_part(threads, parts, |_, (i, ((a, dh), dx))| {
+            try_for_each_part(threads, parts, |_, (i, (((a, dh), dx), filled))| {
                 let (el, lo, hi) = tiles[i];
                 let (e, lo, hi) = (e_lo + el, lo + row0, hi + row0);
                 let n = hi - lo;
+                let grad_rows: &[T] = match (filled, fill_ref) {
+                    (Some((gys, dots)), Some(rows)) => {
+                        let ys = ys.map(|ys| &ys[lo * d..hi * d]);
+                        let (toks, slots) = (&row_token[lo..hi], &row_slot[lo..hi]);
+                        rows.backward_block(ys, toks, slots, gys, dots, false)?;
+                        gys
+                    }
+                    _ => &given[lo * d..hi * d],
+                };
                 let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
                 let w2e = &w2[e * d * f..(e + 1) * d * f];
                 T::with_tile_scratch(n * f, |da| {
@@ -901,7 +1034,7 @@ fn backward_in_waves<T: MlpReal>(
                         d,
                         da,
                         f,
-                        &grad[lo * d..hi * d],
+                        grad_rows,
                         Strides::row_major(d),
                         w2e,
                         Strides::row_major(f),
@@ -929,8 +1062,14 @@ fn backward_in_waves<T: MlpReal>(
                     w1e,
                     Strides::row_major(d),
                 );
-            });
+                Ok(())
+            })?;
         }
+        // Every row of this wave's `grad` exists now.
+        let grad: &[T] = match &fill {
+            Some(c) => c.gys,
+            None => given,
+        };
 
         // Phase 2, per block of output rows of each expert's weight gradients:
         // dW1_e = dh_e^T xs_e and dW2_e = grad_e^T a_e (a sum over the expert's rows, in row order).
@@ -1125,7 +1264,7 @@ mod tests {
         with_team(3, usize::MAX, || {
             backward_in_waves(
                 s,
-                grad,
+                GradRows::Given(grad),
                 xs,
                 &h,
                 w1,
@@ -1167,6 +1306,120 @@ mod tests {
             check(act, &[0, 0], 3, 2);
             check(act, &[300, 7, 0, 129], 8, 5); // several tiles per expert
             check(act, &[1100, 0, 3, 520], 5, 37); // several column-layout tiles, odd blocks
+        }
+    }
+
+    #[test]
+    fn combine_in_the_tiles_equals_combine_first() {
+        // The combine's backward computed by each phase-1 tile (or first, in the column layout)
+        // gives the separate kernels' grad_ys, weight gradients and expert gradients bit for
+        // bit, on a team, in waves or not, over ys or in its place; a bad token is an error.
+        let (t, k, e, d, f) = (230usize, 3usize, 4usize, 5usize, 7usize);
+        let idx: Vec<i64> = (0..t * k)
+            .map(|i| ((i * 7919 + i / 3) % (e + 1)) as i64 - 1)
+            .collect();
+        let plan = crate::dispatch::dispatch_plan(&idx, t, k, e, None).unwrap();
+        let r = plan.row_token.len();
+        let s = MlpShape {
+            r,
+            d,
+            e,
+            f,
+            act: Activation::SwiGlu,
+        };
+        let (xs, h, ys) = (lcg(r * d, 1), lcg(r * s.h1(), 2), lcg(r * d, 3));
+        let (w1, w2) = (lcg(e * s.h1() * d, 4), lcg(e * d * f, 5));
+        let (grad, weights) = (lcg(t * d, 6), lcg(t * k, 7));
+        let (rt, rs, sr) = (&plan.row_token, &plan.row_slot, &plan.slot_row);
+        for columns in [false, true] {
+            for budget in [r, 60] {
+                let run = |fused: bool, in_place: bool, tokens: &[i64]| {
+                    let mut gys = if in_place {
+                        ys.clone()
+                    } else {
+                        vec![7.0; r * d]
+                    };
+                    let mut dweights = vec![7.0; t * k];
+                    let mut dots = vec![7.0; r];
+                    let mut outs = (vec![7.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
+                    let res = with_team(3, usize::MAX, || -> KResult<()> {
+                        let given;
+                        let grad_rows = if fused {
+                            GradRows::Combine(CombineGrad {
+                                rows: CombineRows {
+                                    grad: &grad,
+                                    t,
+                                    weights: &weights,
+                                    d,
+                                },
+                                ys: if in_place { None } else { Some(&ys[..]) },
+                                row_token: tokens,
+                                row_slot: rs,
+                                gys: &mut gys,
+                                dots: &mut dots,
+                            })
+                        } else {
+                            let (g, w) = (&grad[..], &weights[..]);
+                            if in_place {
+                                crate::dispatch::combine_backward_in_place(
+                                    g,
+                                    &mut gys,
+                                    w,
+                                    d,
+                                    tokens,
+                                    rs,
+                                    sr,
+                                    &mut dweights,
+                                )?;
+                            } else {
+                                crate::dispatch::combine_backward(
+                                    g,
+                                    &ys,
+                                    w,
+                                    d,
+                                    tokens,
+                                    rs,
+                                    sr,
+                                    &mut gys,
+                                    &mut dweights,
+                                )?;
+                            }
+                            given = gys.clone();
+                            GradRows::Given(&given[..])
+                        };
+                        let (dxs, dw1, dw2) = (&mut outs.0, &mut outs.1, &mut outs.2);
+                        backward_in_waves(
+                            &s,
+                            grad_rows,
+                            &xs,
+                            &h,
+                            &w1,
+                            &w2,
+                            &plan.offsets,
+                            dxs,
+                            dw1,
+                            dw2,
+                            budget,
+                            columns,
+                        )
+                    });
+                    res.map(|_| {
+                        if fused {
+                            crate::dispatch::weight_grads_from_dots(&dots, sr, &mut dweights)
+                                .unwrap();
+                        }
+                        (gys, dweights, outs)
+                    })
+                };
+                for in_place in [false, true] {
+                    let what = format!("columns {columns}, budget {budget}, in place {in_place}");
+                    let want = run(false, in_place, rt).unwrap();
+                    assert_eq!(run(true, in_place, rt).unwrap(), want, "{what}");
+                    let mut bad = rt.clone();
+                    bad[r / 2] = t as i64;
+                    assert!(run(true, in_place, &bad).is_err(), "{what}");
+                }
+            }
         }
     }
 

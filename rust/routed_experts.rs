@@ -6,11 +6,15 @@
 //! of microseconds, and around each one the Python entry, the autograd node and the hand-over of
 //! the thread team cost as much again. Composed here, the three kernels run back to back on one
 //! team with the GIL released once. They are the same kernels as the separate ops, run with the
-//! same team sizes, so the results are the separate ops' bits.
+//! same team sizes, so the results are the separate ops' bits; two of them run inside the expert
+//! tiles' parallel regions (the gather in the forward's tiles, the combine's backward in the
+//! backward's tiles: each tile its own rows, one fork/join fewer each).
 
-use crate::dispatch;
-use crate::error::KResult;
-use crate::expert_mlp::{expert_mlp_backward, expert_mlp_forward_gathered, MlpReal, MlpShape};
+use crate::dispatch::{self, CombineRows};
+use crate::error::{check_len, KResult};
+use crate::expert_mlp::{
+    expert_mlp_backward_from, expert_mlp_forward_gathered, CombineGrad, GradRows, MlpReal, MlpShape,
+};
 
 /// A dispatch plan's index arrays (see `dispatch::dispatch_plan`).
 #[derive(Clone, Copy)]
@@ -116,18 +120,35 @@ pub fn routed_experts_backward_rows<T: MlpReal>(
     dw2: &mut [T],
 ) -> KResult<()> {
     let (xs, h) = saved;
-    let (rt, rs, sr) = (plan.row_token, plan.row_slot, plan.slot_row);
-    let gys: &mut [T] = match grad_ys {
-        GradYs::Scratch { ys, grad_ys } => {
-            dispatch::combine_backward(grad, ys, weights, s.d, rt, rs, sr, grad_ys, dweights)?;
-            grad_ys
-        }
-        GradYs::OverYs(ys) => {
-            dispatch::combine_backward_in_place(grad, ys, weights, s.d, rt, rs, sr, dweights)?;
-            ys
-        }
+    let d = s.d;
+    let slots = plan.slot_row.len();
+    let t = grad.len().checked_div(d).unwrap_or(0);
+    check_len("grad", grad.len(), t * d)?;
+    check_len("weights", weights.len(), slots)?;
+    check_len("dweights", dweights.len(), slots)?;
+    // The combine's backward runs inside the expert backward's row tiles, each tile its own
+    // rows (one parallel region fewer); the dot products become the weights' gradient after.
+    let (ys, gys) = match grad_ys {
+        GradYs::Scratch { ys, grad_ys } => (Some(ys), grad_ys),
+        GradYs::OverYs(ys) => (None, ys),
     };
-    expert_mlp_backward(s, gys, xs, h, w1, w2, plan.offsets, grad_xs, dw1, dw2)
+    let mut dots = vec![T::ZERO; s.r];
+    let combine = CombineGrad {
+        rows: CombineRows {
+            grad,
+            t,
+            weights,
+            d,
+        },
+        ys,
+        row_token: plan.row_token,
+        row_slot: plan.row_slot,
+        gys,
+        dots: &mut dots,
+    };
+    let grad_rows = GradRows::Combine(combine);
+    expert_mlp_backward_from(s, grad_rows, xs, h, w1, w2, plan.offsets, grad_xs, dw1, dw2)?;
+    dispatch::weight_grads_from_dots(&dots, plan.slot_row, dweights)
 }
 
 /// `dx [m, d]` for the `m` tokens from `first`: each token's rows of `grad_xs [R, d]` summed in
@@ -151,7 +172,7 @@ pub fn sum_rows_of_tokens<T: MlpReal>(
 mod tests {
     use super::*;
     use crate::dispatch::{combine, combine_backward, dispatch_plan, gather, gather_backward};
-    use crate::expert_mlp::{expert_mlp_forward, Activation};
+    use crate::expert_mlp::{expert_mlp_backward, expert_mlp_forward, Activation};
     use crate::testing::values;
 
     /// Blocks of tokens summed apart give gather_backward's rows; a block past the plan's slots
