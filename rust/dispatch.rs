@@ -403,39 +403,21 @@ fn combine_backward_rows<F: Real>(
     check_len("grad", grad.len(), t * d)?;
     // Dot products land per row (contiguous, safe to write in parallel), then move to their slots.
     let mut dots = vec![F::ZERO; r];
-    if r > 0 && d > 0 {
-        let rows = rows_per_task(r, 2 * d, 1 << 14);
-        // A large `grad_ys` is scaled into a row buffer and streamed out (`stream::RowWriter`).
-        let nt = stream::worth_streaming(std::mem::size_of_val(grad_ys));
-        let ys_parts: Vec<Option<&[F]>> = match ys {
-            Some(ys) => ys.chunks(rows * d).map(Some).collect(),
-            None => vec![None; r.div_ceil(rows)],
-        };
-        let parts: Vec<_> = grad_ys
-            .chunks_mut(rows * d)
-            .zip(dots.chunks_mut(rows))
-            .zip(ys_parts)
-            .zip(row_token.chunks(rows).zip(row_slot.chunks(rows)))
-            .collect();
-        let rows_of = CombineRows {
-            grad,
-            t,
-            weights,
-            d,
-        };
-        try_for_each_part(
-            team_size(),
-            parts,
-            |_, (((gys, dots), ys), (toks, slots))| {
-                rows_of.backward_block(ys, toks, slots, gys, dots, nt)
-            },
-        )?;
-    }
+    let rows = CombineRows {
+        grad,
+        t,
+        weights,
+        d,
+        ys,
+        row_token,
+        row_slot,
+    };
+    rows.backward_all(grad_ys, &mut dots)?;
     weight_grads_from_dots(&dots, slot_row, grad_w)
 }
 
-/// What the combine's backward reads for any block of rows: the output gradient `grad [t, d]`
-/// and the slot weights `[T * K]`.
+/// What the combine's backward reads, for any block of its rows: the output gradient, the slot
+/// weights, the expert outputs and the plan's rows.
 #[derive(Clone, Copy)]
 pub struct CombineRows<'a, F> {
     /// Gradient of the combined output, `[t, d]`.
@@ -446,24 +428,50 @@ pub struct CombineRows<'a, F> {
     pub weights: &'a [F],
     /// Features.
     pub d: usize,
+    /// The expert outputs `[R, d]`, or None when they are in `grad_ys` (overwritten row by row).
+    pub ys: Option<&'a [F]>,
+    /// `[R]` token of each row.
+    pub row_token: &'a [i64],
+    /// `[R]` flat slot of each row.
+    pub row_slot: &'a [i64],
 }
 
 impl<F: Real> CombineRows<'_, F> {
-    /// The combine's backward for one block of rows with tokens `toks` and slots `slots`:
-    /// `dots[i] = <grad[tok], ys_i>` and `gys_i = weights[slot] * grad[tok]`, where `ys_i` is row
-    /// `i` of `ys`, or (`ys` None) of `gys` itself, read before it is overwritten. `stream`:
-    /// write `gys` with streaming stores. Every block computes each row the same way, so the
-    /// blocking does not change the bits.
+    /// Every row, over the team of [`crate::threads::with_team`]: `gys [R, d]` and `dots [R]`
+    /// (see [`CombineRows::backward_block`]); a large `gys` is written with streaming stores.
+    pub fn backward_all(&self, gys: &mut [F], dots: &mut [F]) -> KResult<()> {
+        let (r, d) = (dots.len(), self.d);
+        if r == 0 || d == 0 {
+            return Ok(());
+        }
+        let rows = rows_per_task(r, 2 * d, 1 << 14);
+        // A large `grad_ys` is scaled into a row buffer and streamed out (`stream::RowWriter`).
+        let nt = stream::worth_streaming(std::mem::size_of_val(gys));
+        let parts: Vec<_> = gys
+            .chunks_mut(rows * d)
+            .zip(dots.chunks_mut(rows))
+            .collect();
+        try_for_each_part(team_size(), parts, |b, (gys, dots)| {
+            self.backward_block(b * rows, gys, dots, nt)
+        })
+    }
+
+    /// The combine's backward for the rows from `lo` (as many as `dots` holds): for row `r` of
+    /// token `t` and slot `s`, `dots[r - lo] = <grad[t], ys[r]>` and `gys[r - lo] = weights[s] *
+    /// grad[t]`, where without `ys` the row of `ys` is the one in `gys`, read before it is
+    /// overwritten. `stream`: write `gys` with streaming stores. Every block computes each row
+    /// the same way, so the blocking does not change the bits.
     pub fn backward_block(
         &self,
-        ys: Option<&[F]>,
-        toks: &[i64],
-        slots: &[i64],
+        lo: usize,
         gys: &mut [F],
         dots: &mut [F],
         stream: bool,
     ) -> KResult<()> {
         let (d, t, n) = (self.d, self.t, self.weights.len());
+        let hi = lo + dots.len();
+        let ys = self.ys.map(|ys| &ys[lo * d..hi * d]);
+        let (toks, slots) = (&self.row_token[lo..hi], &self.row_slot[lo..hi]);
         let mut writer = stream::RowWriter::new(stream, d, F::ZERO);
         with_best_isa(
             #[inline(always)]

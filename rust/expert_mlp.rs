@@ -794,14 +794,8 @@ pub enum GradRows<'a, T> {
 /// `grad`) and `dots [R]` (each row's dot product, for the weights' gradient:
 /// [`crate::dispatch::weight_grads_from_dots`]).
 pub struct CombineGrad<'a, T> {
-    /// The combine's output gradient and weights.
+    /// What the combine's backward reads (with `ys` None, the expert outputs are in `gys`).
     pub rows: CombineRows<'a, T>,
-    /// The expert outputs `[R, d]`, or None when they are in `gys` (overwritten row by row).
-    pub ys: Option<&'a [T]>,
-    /// `[R]` token of each row.
-    pub row_token: &'a [i64],
-    /// `[R]` slot of each row.
-    pub row_slot: &'a [i64],
     /// `[R, d]` the rows of `grad`, filled by the backward.
     pub gys: &'a mut [T],
     /// `[R]` the rows' dot products, filled by the backward.
@@ -811,31 +805,13 @@ pub struct CombineGrad<'a, T> {
 impl<T: MlpReal> CombineGrad<'_, T> {
     fn check(&self, r: usize, d: usize) -> KResult<()> {
         check_len("grad_ys", self.gys.len(), r * d)?;
-        check_len("plan.row_token", self.row_token.len(), r)?;
-        check_len("plan.row_slot", self.row_slot.len(), r)?;
+        check_len("plan.row_token", self.rows.row_token.len(), r)?;
+        check_len("plan.row_slot", self.rows.row_slot.len(), r)?;
         check_len("dots", self.dots.len(), r)?;
-        match self.ys {
+        match self.rows.ys {
             Some(ys) => check_len("ys", ys.len(), r * d),
             None => Ok(()),
         }
-    }
-
-    /// Every row at once, over the team (for the column layout, whose tasks share rows).
-    fn fill_all(&mut self, threads: usize) -> KResult<()> {
-        let (rows, ys, row_token, row_slot) = (self.rows, self.ys, self.row_token, self.row_slot);
-        let (r, d) = (self.dots.len(), rows.d);
-        let block = crate::threads::rows_per_task(r, 2 * d, 1 << 14);
-        let parts: Vec<_> = self
-            .gys
-            .chunks_mut(block * d)
-            .zip(self.dots.chunks_mut(block))
-            .collect();
-        try_for_each_part(threads, parts, |b, (gys, dots)| {
-            let (lo, hi) = (b * block, b * block + dots.len());
-            let ys = ys.map(|ys| &ys[lo * d..hi * d]);
-            let (toks, slots) = (&row_token[lo..hi], &row_slot[lo..hi]);
-            rows.backward_block(ys, toks, slots, gys, dots, false)
-        })
     }
 }
 
@@ -915,8 +891,8 @@ fn backward_in_waves<T: MlpReal>(
         // The column layout's tasks share rows: every row of `grad` first. So on one thread,
         // where there is no region to save: the rows in order measured 1-2 % faster there
         // (`cargo run --release --example routed_backward_timing 1`).
-        Some(mut c) if columns || threads == 1 => {
-            c.fill_all(threads)?;
+        Some(c) if columns || threads == 1 => {
+            c.rows.backward_all(c.gys, c.dots)?;
             c.gys
         }
         other => {
@@ -986,23 +962,15 @@ fn backward_in_waves<T: MlpReal>(
             let dh_parts = split_by_tiles(&mut *dh_all, h1, &tiles);
             let dx_parts = split_by_tiles(&mut *dx_wave, d, &tiles);
             // With `fill`, each tile's rows of gys and dots, computed by the tile first.
-            type Filled<'b, T> = Vec<Option<(&'b mut [T], &'b mut [T])>>;
-            let (fill_ref, ys, row_token, row_slot, fill_parts): (_, _, _, _, Filled<'_, T>) =
-                match &mut fill {
-                    Some(c) => {
-                        let gys = split_by_tiles(&mut c.gys[row0 * d..row1 * d], d, &tiles);
-                        let dots = split_by_tiles(&mut c.dots[row0..row1], 1, &tiles);
-                        let parts = gys.into_iter().zip(dots).map(Some).collect();
-                        (Some(c.rows), c.ys, c.row_token, c.row_slot, parts)
-                    }
-                    None => (
-                        None,
-                        None,
-                        &[][..],
-                        &[][..],
-                        tiles.iter().map(|_| None).collect(),
-                    ),
-                };
+            let fill_rows = fill.as_ref().map(|c| c.rows);
+            let fill_parts: Vec<Option<(&mut [T], &mut [T])>> = match &mut fill {
+                Some(c) => {
+                    let gys = split_by_tiles(&mut c.gys[row0 * d..row1 * d], d, &tiles);
+                    let dots = split_by_tiles(&mut c.dots[row0..row1], 1, &tiles);
+                    gys.into_iter().zip(dots).map(Some).collect()
+                }
+                None => tiles.iter().map(|_| None).collect(),
+            };
             let parts = largest_first(
                 &tiles,
                 a_parts
@@ -1016,11 +984,10 @@ fn backward_in_waves<T: MlpReal>(
                 let (el, lo, hi) = tiles[i];
                 let (e, lo, hi) = (e_lo + el, lo + row0, hi + row0);
                 let n = hi - lo;
-                let grad_rows: &[T] = match (filled, fill_ref) {
+                let grad_rows: &[T] = match (filled, fill_rows) {
+                    // (ordinary stores: the tile reads its rows right away)
                     (Some((gys, dots)), Some(rows)) => {
-                        let ys = ys.map(|ys| &ys[lo * d..hi * d]);
-                        let (toks, slots) = (&row_token[lo..hi], &row_slot[lo..hi]);
-                        rows.backward_block(ys, toks, slots, gys, dots, false)?;
+                        rows.backward_block(lo, gys, dots, false)?;
                         gys
                     }
                     _ => &given[lo * d..hi * d],
@@ -1351,10 +1318,10 @@ mod tests {
                                     t,
                                     weights: &weights,
                                     d,
+                                    ys: if in_place { None } else { Some(&ys[..]) },
+                                    row_token: tokens,
+                                    row_slot: rs,
                                 },
-                                ys: if in_place { None } else { Some(&ys[..]) },
-                                row_token: tokens,
-                                row_slot: rs,
                                 gys: &mut gys,
                                 dots: &mut dots,
                             })

@@ -139,10 +139,10 @@ pub fn routed_experts_backward_rows<T: MlpReal>(
             t,
             weights,
             d,
+            ys,
+            row_token: plan.row_token,
+            row_slot: plan.row_slot,
         },
-        ys,
-        row_token: plan.row_token,
-        row_slot: plan.row_slot,
         gys,
         dots: &mut dots,
     };
