@@ -5,8 +5,9 @@ Wraps every native call (``moerust._backend.native_fn``) and the one-node path's
 backward in timers on the region log's clock (``moerust._native.region_clock_ns``), turns the
 region log on (``moerust._native.region_log``), runs 40 steps of a ``test_bench_moe.py`` variant
 and prints the median step: every call and region with its start, end and length (microseconds
-from the step's start). The gaps between them are Python (the layer's, the autograd engine's,
-the benchmark step's own).
+from the step's start), and the instants the layer's native calls mark between their regions
+(``moerust._native.region_marks``: where their serial work goes). The gaps between calls are
+Python (the layer's, the autograd engine's, the benchmark step's own).
 
 Usage: ``python -m benches.region_timeline THREADS [VARIANT [d ff E k T]]`` (default: moerust,
 the d=64 config).
@@ -65,11 +66,13 @@ def main(argv: List[str]) -> int:
         step()
         end = _native.region_clock_ns()
         regions = _native.region_log(False)
-        steps.append((end - start, start, list(events), regions))
+        marks = _native.region_marks()
+        steps.append((end - start, start, list(events), regions, marks))
     steps.sort(key=lambda s: s[0])
-    length, start, calls, regions = steps[len(steps) // 2]
+    length, start, calls, regions, marks = steps[len(steps) // 2]
     print(f"{variant} d/ff/E/k/T={'/'.join(map(str, dims))} threads={threads}: median step {length / 1e3:.0f} us")
     items = [(s, e, name) for name, s, e in calls] + [(s, e, f"  region, {n} tasks") for s, e, n in regions]
+    items += [(t, t, f"    mark: {label}") for t, label in marks]
     for s, e, name in sorted(items):
         print(f"{(s - start) / 1e3:8.1f} .. {(e - start) / 1e3:8.1f}  {(e - s) / 1e3:7.1f} us  {name}")
     in_regions = sum(e - s for s, e, _ in regions) / 1e3

@@ -43,6 +43,26 @@ pub fn take_log(on: bool) -> Vec<(u64, u64, usize)> {
     std::mem::take(&mut *LOG.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// Named instants inside the native calls, logged while the region log is on (see [`mark`]).
+static MARKS: std::sync::Mutex<Vec<(u64, &'static str)>> = std::sync::Mutex::new(Vec::new());
+
+/// Logs `label` at this instant when the region log is on (a diagnostic: where the serial work
+/// between a call's regions goes); costs one relaxed load when it is off.
+pub fn mark(label: &'static str) {
+    if LOGGING.load(Ordering::Relaxed) {
+        let now = clock_ns();
+        MARKS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((now, label));
+    }
+}
+
+/// Returns (and clears) the instants logged by [`mark`].
+pub fn take_marks() -> Vec<(u64, &'static str)> {
+    std::mem::take(&mut *MARKS.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// Nanoseconds since the first use of this clock (the region log's time base).
 pub fn clock_ns() -> u64 {
     static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

@@ -928,6 +928,7 @@ macro_rules! moe_layer_kernels {
                 )));
             }
             let slots = topp.map_or(k, |(_, _, max_k)| max_k);
+            crate::omp_team::mark("forward: arguments read");
             let (xv, rv, a, b) = (
                 slice!(x, "x"),
                 slice!(router_weight, "router_weight"),
@@ -941,6 +942,7 @@ macro_rules! moe_layer_kernels {
             let weights = pooled::<$t>(py, &[t, slots])?;
             let share = pooled::<$t>(py, &[e])?;
             let counts = pooled::<i64>(py, &[t])?;
+            crate::omp_team::mark("forward: router outputs allocated");
             let (loss, routed) = {
                 let (mut lg, mut pr, mut ix, mut wt, mut sh, mut ct) = (
                     logits.readwrite(),
@@ -987,6 +989,7 @@ macro_rules! moe_layer_kernels {
                     Ok((loss, cv.iter().map(|&c| c.max(0) as usize).sum()))
                 })?
             };
+            crate::omp_team::mark("forward: router done");
             // The dispatch plan.
             let capacity = expert_capacity(capacity_factor, routed, e);
             let plan = {
@@ -996,6 +999,7 @@ macro_rules! moe_layer_kernels {
                     dispatch::dispatch_plan(ixv, t, slots, e, capacity)
                 })?
             };
+            crate::omp_team::mark("forward: plan done");
             // The routed experts.
             let s = mlp_shape(&[plan.row_token.len(), d], s2, activation)?;
             let mut xs = pool_vec::<$t>(s.r * d)?;
@@ -1013,12 +1017,14 @@ macro_rules! moe_layer_kernels {
                     slice_mut!(yw, "y"),
                 );
                 let view = PlanView::from(&plan);
+                crate::omp_team::mark("forward: expert buffers ready");
                 run_team(py, threads, mlp_work(&s), || {
                     routed_experts::routed_experts_forward(
                         &s, xv, t, wv, view, a, b, xsv, hv, ysv, yv,
                     )
                 })?;
             }
+            crate::omp_team::mark("forward: experts done");
             // The usage statistics.
             let mut steps = None;
             let mut ema_now = None;
@@ -1057,6 +1063,7 @@ macro_rules! moe_layer_kernels {
             let kept = LayerBuffers {
                 kept: <$t>::wrap(Kept { xs, h, ys, plan }),
             };
+            crate::omp_team::mark("forward: outputs made");
             Ok((
                 dropped,
                 capacity,
@@ -1094,6 +1101,7 @@ macro_rules! moe_layer_kernels {
             Bound<'py, PyAny>,
             Bound<'py, PyAny>,
         )> {
+            crate::omp_team::mark("backward: arguments read");
             let (x, router_weight, w1, w2, probs, idx, share, weights) = saved;
             let mut kept = kept.try_borrow_mut()?;
             let Kept { xs, h, ys, plan } = <$t>::unwrap(&mut kept.kept)
@@ -1173,6 +1181,7 @@ macro_rules! moe_layer_kernels {
                     },
                 };
                 let dw = &mut dweights[..];
+                crate::omp_team::mark("backward: buffers ready");
                 py.detach(|| -> KResult<()> {
                     let Some(dwrv) = dwrv else {
                         return with_team(threads, 2 * mlp_work(&s), || {
@@ -1188,6 +1197,7 @@ macro_rules! moe_layer_kernels {
                             &s, g, kept, target, wv, view, a, b, gxs, dw, da, db,
                         )
                     })?;
+                    crate::omp_team::mark("backward: experts done");
                     if let Some(extra) = extra {
                         crate::error::check_len("grad_weights", extra.len(), dw.len())?;
                         for (v, &u) in dw.iter_mut().zip(extra) {
@@ -1214,6 +1224,7 @@ macro_rules! moe_layer_kernels {
                     })
                 })?;
             }
+            crate::omp_team::mark("backward: router done");
             Ok((
                 dx.into_any(),
                 dwr.map(|a| a.into_any()),
@@ -1401,6 +1412,13 @@ fn region_log(on: bool) -> Vec<(u64, u64, usize)> {
     crate::omp_team::take_log(on)
 }
 
+/// Returns (and clears) the named instants the native calls logged while the region log was on,
+/// as `(ns, label)` on the clock of `region_clock_ns`. A diagnostic.
+#[pyfunction]
+fn region_marks() -> Vec<(u64, &'static str)> {
+    crate::omp_team::take_marks()
+}
+
 /// Sets the expert kernels' row-tile rule: about `per_thread` tiles per thread, at least
 /// `min_rows` rows each (the default is 3 and 64). A diagnostic, for measurements.
 #[pyfunction]
@@ -1505,6 +1523,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(f)?;
     }
     m.add_function(wrap_pyfunction!(region_log, m)?)?;
+    m.add_function(wrap_pyfunction!(region_marks, m)?)?;
     m.add_function(wrap_pyfunction!(set_tile_rows, m)?)?;
     m.add_function(wrap_pyfunction!(region_clock_ns, m)?)?;
     m.add_function(wrap_pyfunction!(pool_clear, m)?)?;

@@ -1,5 +1,6 @@
 """The kernels' diagnostics: the count and timeline of their parallel regions on torch's OpenMP
-team (``moerust._native.parallel_regions``, ``region_log``, ``region_clock_ns``)."""
+team (``moerust._native.parallel_regions``, ``region_log``, ``region_clock_ns``) and the instants
+the layer's native calls mark between them (``region_marks``)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,33 @@ def test_regions_are_counted_and_logged() -> None:
     assert len(log) == counted >= 1
     for s, e, tasks in log:
         assert start <= s <= e <= end and tasks >= 1
+
+
+def test_layer_calls_mark_their_steps_in_order_while_the_log_is_on() -> None:
+    from moerust.nn import MoE, MoEConfig
+
+    layer = MoE(MoEConfig(dim=16, hidden=32, num_experts=4, k=2))
+    x = torch.randn(300, 16, requires_grad=True)
+    with _backend.use_backend("rust"):
+        _native.region_log(False)
+        _native.region_marks()  # (clear)
+        layer(x)[0].sum().backward()
+        assert _native.region_marks() == []  # logging off: nothing marked
+        _native.region_log(True)
+        start = _native.region_clock_ns()
+        layer(x)[0].sum().backward()
+        end = _native.region_clock_ns()
+        _native.region_log(False)
+        marks = _native.region_marks()
+    labels = [label for _, label in marks]
+    assert labels == [
+        "forward: arguments read", "forward: router outputs allocated", "forward: router done",
+        "forward: plan done", "forward: expert buffers ready", "forward: experts done",
+        "forward: outputs made", "backward: arguments read", "backward: buffers ready",
+        "backward: experts done", "backward: router done",
+    ]  # fmt: skip
+    times = [t for t, _ in marks]
+    assert start <= times[0] and times == sorted(times) and times[-1] <= end
 
 
 def test_tile_rows_rule_changes_tiles_not_results() -> None:
