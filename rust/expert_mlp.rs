@@ -870,35 +870,28 @@ fn backward_in_waves<T: MlpReal>(
 ) -> KResult<()> {
     check_sizes(s, xs, w1, w2)?;
     let (d, f, h1) = (s.d, s.f, s.h1());
-    // `given`: the rows of `grad` when they exist before phase 1; else `fill` computes them.
-    let (given, mut fill): (&[T], Option<CombineGrad<'_, T>>) = match grad {
-        GradRows::Given(g) => {
-            check_len("grad", g.len(), s.r * d)?;
-            (g, None)
-        }
-        GradRows::Combine(c) => {
-            c.check(s.r, d)?;
-            (&[], Some(c))
-        }
-    };
+    match &grad {
+        GradRows::Given(g) => check_len("grad", g.len(), s.r * d)?,
+        GradRows::Combine(c) => c.check(s.r, d)?,
+    }
     check_len("h", h.len(), s.r * h1)?;
     check_len("dxs", dxs.len(), s.r * d)?;
     check_len("dw1", dw1.len(), w1.len())?;
     check_len("dw2", dw2.len(), w2.len())?;
     let ranges = expert_ranges(offsets, s)?;
     let threads = team_size();
-    let given = match fill.take() {
+    // `given`: the rows of `grad` when they exist before phase 1; else `fill` computes them,
+    // each tile its own rows.
+    let (given, mut fill): (&[T], Option<CombineGrad<'_, T>>) = match grad {
+        GradRows::Given(g) => (g, None),
         // The column layout's tasks share rows: every row of `grad` first. So on one thread,
         // where there is no region to save: the rows in order measured 1-2 % faster there
         // (`cargo run --release --example routed_backward_timing 1`).
-        Some(c) if columns || threads == 1 => {
+        GradRows::Combine(c) if columns || threads == 1 => {
             c.rows.backward_all(c.gys, c.dots)?;
-            c.gys
+            (c.gys, None)
         }
-        other => {
-            fill = other;
-            given
-        }
+        GradRows::Combine(c) => (&[], Some(c)),
     };
     // Experts go through both phases in waves of consecutive experts whose rows fit the scratch
     // budget (an expert with more rows forms a wave of its own): the scratch for `a` and `dh` is
