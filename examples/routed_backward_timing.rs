@@ -60,6 +60,7 @@ fn main() {
                     &mut dw,
                     &mut dw1,
                     &mut dw2,
+                    None,
                 )
             } else {
                 let (rt, rs, sr) = (&plan.row_token, &plan.row_slot, &plan.slot_row);

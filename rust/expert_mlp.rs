@@ -16,7 +16,7 @@
 use crate::dispatch::CombineRows;
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
-use crate::omp_team::{for_each_part, try_for_each_part};
+use crate::omp_team::{run_tasks, try_for_each_part, Task};
 use crate::real::Real;
 use crate::threads::team_size;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -777,7 +777,7 @@ pub fn expert_mlp_backward<T: MlpReal>(
     dw2: &mut [T],
 ) -> KResult<()> {
     let grad = GradRows::Given(grad);
-    expert_mlp_backward_from(s, grad, xs, h, w1, w2, offsets, dxs, dw1, dw2)
+    expert_mlp_backward_from(s, grad, xs, h, w1, w2, offsets, dxs, dw1, dw2, None)
 }
 
 /// Where the expert backward's output gradient `grad [R, d]` comes from.
@@ -815,7 +815,19 @@ impl<T: MlpReal> CombineGrad<'_, T> {
     }
 }
 
-/// [`expert_mlp_backward`] whose output gradient comes from `grad` ([`GradRows`]).
+/// Work for the expert backward's last parallel region: tasks that need every row of its first
+/// phase (`grad_xs [R, d]` and, when the combine's backward ran in it, the rows' dot products
+/// `[R]`) but not the weight gradients. They run after the last wave's weight-gradient blocks,
+/// in the same region: one fork/join fewer than a region of their own, and small tasks fill the
+/// region's tail.
+pub trait AfterRows<T> {
+    /// The tasks, given `grad_xs` and the dot products (None when the output gradient was
+    /// given); called once, on the calling thread, between the two phases.
+    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dots: Option<&'b [T]>) -> KResult<Vec<Task<'b>>>;
+}
+
+/// [`expert_mlp_backward`] whose output gradient comes from `grad` ([`GradRows`]), with `after`'s
+/// tasks (if any) run with the weight gradients.
 #[allow(clippy::too_many_arguments)]
 pub fn expert_mlp_backward_from<T: MlpReal>(
     s: &MlpShape,
@@ -828,6 +840,7 @@ pub fn expert_mlp_backward_from<T: MlpReal>(
     dxs: &mut [T],
     dw1: &mut [T],
     dw2: &mut [T],
+    after: Option<&mut dyn AfterRows<T>>,
 ) -> KResult<()> {
     // The floor keeps every wave at least two minimum-size tiles per thread, so a wave still
     // spreads over the whole team.
@@ -848,7 +861,78 @@ pub fn expert_mlp_backward_from<T: MlpReal>(
         dw2,
         budget_rows,
         columns,
+        after,
     )
+}
+
+/// Phase 2 of a wave of the expert backward, as tasks: per block of output rows of each expert's
+/// weight gradients, `dW1_e = dh_e^T xs_e` and `dW2_e = grad_e^T a_e` (a sum over the expert's
+/// rows, in row order); `a` and `dh` hold the wave's rows. Blocks of equal output size (dW1 rows
+/// hold d entries, dW2 rows F), about three per thread, so the tasks balance; each still spans at
+/// least 16 rows. Largest first (a block's cost grows with its expert's rows), so the tail
+/// balances.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_tasks<'b, T: MlpReal>(
+    s: &'b MlpShape,
+    (e_lo, e_hi): (usize, usize),
+    ranges: &'b [(usize, usize)],
+    (dw1_wave, dw2_wave): (&'b mut [T], &'b mut [T]),
+    (a_all, dh_all): (&'b [T], &'b [T]),
+    xs: &'b [T],
+    grad: &'b [T],
+    threads: usize,
+) -> Vec<Task<'b>> {
+    let (d, f, h1) = (s.d, s.f, s.h1());
+    let row0 = ranges.get(e_lo).map_or(0, |r| r.0);
+    let target = ((h1 + f) * d * (e_hi - e_lo)).div_ceil(3 * threads).max(1);
+    let rows = |width: usize, limit: usize| target.div_ceil(width.max(1)).max(16).min(limit).max(1);
+    let (block1, block2) = (rows(d, h1), rows(f, d));
+    let mut blocks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
+    for (el, (g1, g2)) in dw1_wave
+        .chunks_mut(h1 * d)
+        .zip(dw2_wave.chunks_mut(d * f))
+        .enumerate()
+    {
+        for (i, c) in g1.chunks_mut(block1 * d).enumerate() {
+            blocks.push((e_lo + el, true, i * block1, c));
+        }
+        for (i, c) in g2.chunks_mut(block2 * f).enumerate() {
+            blocks.push((e_lo + el, false, i * block2, c));
+        }
+    }
+    blocks.sort_by_key(|&(e, _, _, ref out)| {
+        std::cmp::Reverse((ranges[e].1 - ranges[e].0) * out.len())
+    });
+    let task = move |(e, is_w1, i0, out): (usize, bool, usize, &'b mut [T])| -> Task<'b> {
+        Box::new(move || {
+            let (lo, hi) = ranges[e];
+            let n = hi - lo;
+            if n == 0 {
+                out.fill(T::ZERO); // an expert without rows has zero gradient
+                return Ok(());
+            }
+            let (llo, lhi) = (lo - row0, hi - row0); // rows within the wave's scratch
+                                                     // dW1 block = dh[:, i0..]^T @ xs, dW2 block = grad[:, i0..]^T @ a (rows of the expert).
+            let (width, lhs, lhs_row, rhs) = if is_w1 {
+                (d, &dh_all[llo * h1 + i0..lhi * h1], h1, &xs[lo * d..hi * d])
+            } else {
+                (f, &grad[lo * d + i0..hi * d], d, &a_all[llo * f..lhi * f])
+            };
+            matmul(
+                out.len() / width,
+                width,
+                n,
+                out,
+                width,
+                lhs,
+                Strides::transposed(lhs_row),
+                rhs,
+                Strides::row_major(width),
+            );
+            Ok(())
+        })
+    };
+    blocks.into_iter().map(task).collect()
 }
 
 /// [`expert_mlp_backward`] with waves of at most `budget_rows` rows (an expert with more rows
@@ -867,6 +951,7 @@ fn backward_in_waves<T: MlpReal>(
     dw2: &mut [T],
     budget_rows: usize,
     columns: bool,
+    mut after: Option<&mut dyn AfterRows<T>>,
 ) -> KResult<()> {
     check_sizes(s, xs, w1, w2)?;
     let (d, f, h1) = (s.d, s.f, s.h1());
@@ -882,16 +967,18 @@ fn backward_in_waves<T: MlpReal>(
     let threads = team_size();
     // `given`: the rows of `grad` when they exist before phase 1; else `fill` computes them,
     // each tile its own rows.
-    let (given, mut fill): (&[T], Option<CombineGrad<'_, T>>) = match grad {
-        GradRows::Given(g) => (g, None),
+    // `dots_first`: the dot products when the combine's rows were computed first.
+    type Fill<'c, T> = Option<CombineGrad<'c, T>>;
+    let (given, mut fill, dots_first): (&[T], Fill<'_, T>, Option<&[T]>) = match grad {
+        GradRows::Given(g) => (g, None, None),
         // The column layout's tasks share rows: every row of `grad` first. So on one thread,
         // where there is no region to save: the rows in order measured 1-2 % faster there
         // (`cargo run --release --example routed_backward_timing 1`).
         GradRows::Combine(c) if columns || threads == 1 => {
             c.rows.backward_all(c.gys, c.dots)?;
-            (c.gys, None)
+            (c.gys, None, Some(c.dots))
         }
-        GradRows::Combine(c) => (&[], Some(c)),
+        GradRows::Combine(c) => (&[], Some(c), None),
     };
     // Experts go through both phases in waves of consecutive experts whose rows fit the scratch
     // budget (an expert with more rows forms a wave of its own): the scratch for `a` and `dh` is
@@ -911,12 +998,12 @@ fn backward_in_waves<T: MlpReal>(
         .max()
         .unwrap_or(0);
     let mut scratch = T::take_shared(wave_rows * (f + h1));
-    // Each wave's rows of dxs and experts of dw1 / dw2, cut off the front as the waves advance.
-    let (mut dxs_rest, mut dw1_rest, mut dw2_rest) = (dxs, dw1, dw2);
-    for &(e_lo, e_hi) in &waves {
+    // Each wave's experts of dw1 / dw2, cut off the front as the waves advance.
+    let (mut dw1_rest, mut dw2_rest) = (dw1, dw2);
+    for (wave, &(e_lo, e_hi)) in waves.iter().enumerate() {
         let (row0, row1) = (ranges[e_lo].0, ranges[e_hi - 1].1);
         let n_rows = row1 - row0;
-        let dx_wave = take_front(&mut dxs_rest, n_rows * d);
+        let dx_wave = &mut dxs[row0 * d..row1 * d];
         let dw1_wave = take_front(&mut dw1_rest, (e_hi - e_lo) * h1 * d);
         let dw2_wave = take_front(&mut dw2_rest, (e_hi - e_lo) * d * f);
         let (a_all, dh_all) = scratch[..n_rows * (f + h1)].split_at_mut(n_rows * f);
@@ -1030,59 +1117,30 @@ fn backward_in_waves<T: MlpReal>(
             Some(c) => c.gys,
             None => given,
         };
-
-        // Phase 2, per block of output rows of each expert's weight gradients:
-        // dW1_e = dh_e^T xs_e and dW2_e = grad_e^T a_e (a sum over the expert's rows, in row order).
-        // Blocks of equal output size (dW1 rows hold d entries, dW2 rows F), about three per
-        // thread, so the tasks balance; each still spans at least 16 rows.
-        let target = ((h1 + f) * d * (e_hi - e_lo)).div_ceil(3 * threads).max(1);
-        let rows =
-            |width: usize, limit: usize| target.div_ceil(width.max(1)).max(16).min(limit).max(1);
-        let (block1, block2) = (rows(d, h1), rows(f, d));
-        let mut tasks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
-        for (el, (g1, g2)) in dw1_wave
-            .chunks_mut(h1 * d)
-            .zip(dw2_wave.chunks_mut(d * f))
-            .enumerate()
-        {
-            for (i, c) in g1.chunks_mut(block1 * d).enumerate() {
-                tasks.push((e_lo + el, true, i * block1, c));
-            }
-            for (i, c) in g2.chunks_mut(block2 * f).enumerate() {
-                tasks.push((e_lo + el, false, i * block2, c));
+        let mut tasks = weight_grad_tasks(
+            s,
+            (e_lo, e_hi),
+            &ranges,
+            (dw1_wave, dw2_wave),
+            (&a_all[..], &dh_all[..]),
+            xs,
+            grad,
+            threads,
+        );
+        // After the last wave's phase 1 every row of `dxs` (and of the dot products) exists:
+        // `after`'s tasks join this region, after the weight gradients' blocks.
+        if wave + 1 == waves.len() {
+            if let Some(after) = after.take() {
+                let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
+                tasks.extend(after.tasks(&*dxs, dots)?);
             }
         }
-        // Largest first (a block's cost grows with its expert's rows), so the tail balances.
-        tasks.sort_by_key(|&(e, _, _, ref out)| {
-            std::cmp::Reverse((ranges[e].1 - ranges[e].0) * out.len())
-        });
-        let (a_ref, dh_ref) = (&*a_all, &*dh_all);
-        for_each_part(threads, tasks, |_, (e, is_w1, i0, out)| {
-            let (lo, hi) = ranges[e];
-            let n = hi - lo;
-            if n == 0 {
-                out.fill(T::ZERO); // an expert without rows has zero gradient
-                return;
-            }
-            let (llo, lhi) = (lo - row0, hi - row0); // rows within the wave's scratch
-                                                     // dW1 block = dh[:, i0..]^T @ xs, dW2 block = grad[:, i0..]^T @ a (rows of the expert).
-            let (width, lhs, lhs_row, rhs) = if is_w1 {
-                (d, &dh_ref[llo * h1 + i0..lhi * h1], h1, &xs[lo * d..hi * d])
-            } else {
-                (f, &grad[lo * d + i0..hi * d], d, &a_ref[llo * f..lhi * f])
-            };
-            matmul(
-                out.len() / width,
-                width,
-                n,
-                out,
-                width,
-                lhs,
-                Strides::transposed(lhs_row),
-                rhs,
-                Strides::row_major(width),
-            );
-        });
+        run_tasks(threads, tasks)?;
+    }
+    if let Some(after) = after {
+        // No wave (no experts): the tasks run alone.
+        let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
+        run_tasks(threads, after.tasks(&*dxs, dots)?)?;
     }
     T::give_back(scratch);
     Ok(())
@@ -1235,6 +1293,7 @@ mod tests {
                 &mut dw2,
                 budget_rows.max(1),
                 columns,
+                None,
             )
         })
         .unwrap();
@@ -1269,11 +1328,34 @@ mod tests {
         }
     }
 
+    /// `(grad_xs, dots)` as an after-work task saw them.
+    type Seen = (Vec<f64>, Option<Vec<f64>>);
+
+    /// After-work whose one task copies what it was given (`grad_xs`, the dot products).
+    #[derive(Default)]
+    struct Snapshot(std::sync::Mutex<Option<Seen>>);
+
+    impl AfterRows<f64> for Snapshot {
+        fn tasks<'b>(
+            &'b mut self,
+            grad_xs: &'b [f64],
+            dots: Option<&'b [f64]>,
+        ) -> KResult<Vec<Task<'b>>> {
+            let seen = &self.0;
+            Ok(vec![Box::new(move || {
+                let copy = (grad_xs.to_vec(), dots.map(<[f64]>::to_vec));
+                assert!(seen.lock().unwrap().replace(copy).is_none(), "one call");
+                Ok(())
+            })])
+        }
+    }
+
     #[test]
     fn combine_in_the_tiles_equals_combine_first() {
         // The combine's backward computed by each phase-1 tile (or first, in the column layout)
         // gives the separate kernels' grad_ys, weight gradients and expert gradients bit for
         // bit, on a team, in waves or not, over ys or in its place; a bad token is an error.
+        // After-work (`AfterRows`) gets every row of grad_xs and of the dot products.
         let (t, k, e, d, f) = (230usize, 3usize, 4usize, 5usize, 7usize);
         let idx: Vec<i64> = (0..t * k)
             .map(|i| ((i * 7919 + i / 3) % (e + 1)) as i64 - 1)
@@ -1302,6 +1384,7 @@ mod tests {
                     let mut dweights = vec![7.0; t * k];
                     let mut dots = vec![7.0; r];
                     let mut outs = (vec![7.0; r * d], vec![7.0; w1.len()], vec![7.0; w2.len()]);
+                    let mut snapshot = Snapshot::default();
                     let res = with_team(3, usize::MAX, || -> KResult<()> {
                         let given;
                         let grad_rows = if fused {
@@ -1361,9 +1444,14 @@ mod tests {
                             dw2,
                             budget,
                             columns,
+                            Some(&mut snapshot),
                         )
                     });
                     res.map(|_| {
+                        // The after-work ran once, in the last region, with every row.
+                        let seen = snapshot.0.into_inner().unwrap().expect("after's task ran");
+                        assert_eq!(seen.0, outs.0, "grad_xs given to the after-work");
+                        assert_eq!(seen.1, fused.then(|| dots.clone()), "dots given to it");
                         if fused {
                             crate::dispatch::weight_grads_from_dots(&dots, sr, &mut dweights)
                                 .unwrap();

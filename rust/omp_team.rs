@@ -213,6 +213,15 @@ pub fn for_each_part<P: Send>(threads: usize, parts: Vec<P>, f: impl Fn(usize, P
     for_each_task(threads, n, &|i| f(i, parts.take(i)));
 }
 
+/// A task of a region that mixes kinds of work (each kind builds its own tasks; the region runs
+/// them all, see [`run_tasks`]).
+pub type Task<'b> = Box<dyn FnOnce() -> crate::error::KResult<()> + Send + 'b>;
+
+/// Runs boxed tasks in one region (see [`try_for_each_part`]); returns the first error.
+pub fn run_tasks(threads: usize, tasks: Vec<Task<'_>>) -> crate::error::KResult<()> {
+    try_for_each_part(threads, tasks, |_, task| task())
+}
+
 /// Like [`for_each_part`] for fallible tasks: returns the first error any task reported.
 pub fn try_for_each_part<P: Send, E: Send>(
     threads: usize,

@@ -22,7 +22,7 @@ use crate::lars;
 use crate::pool;
 use crate::route_weights;
 use crate::routed_experts::{self, GradYs, PlanView};
-use crate::router_backward::{self, RouterGrads, RouterSaved};
+use crate::router_backward::{self, RouterAfterExperts, RouterBlocks, RouterGrads, RouterSaved};
 use crate::router_forward::{self, RouterOutputs, Selection};
 use crate::routing::{self, ROUTE_COST};
 use crate::softmax;
@@ -1165,7 +1165,7 @@ macro_rules! moe_layer_kernels {
                     Some(a) => Some(slice!(a, "grad_weights")),
                     None => None,
                 };
-                let mut rg = RouterGrads {
+                let rg = RouterGrads {
                     weights: &[],
                     probs: match &grad_probs {
                         Some(a) => Some(slice!(a, "grad_probs")),
@@ -1190,41 +1190,40 @@ macro_rules! moe_layer_kernels {
                             )
                         });
                     };
-                    // With the router's gradients, each token's rows are summed into dx inside
-                    // the router backward's blocks (one parallel region for both).
+                    // With the router's gradients, the router's blocks run in the experts'
+                    // weight-gradient region, each first summing its tokens' rows into dx.
                     with_team(threads, 2 * mlp_work(&s), || {
-                        routed_experts::routed_experts_backward_rows(
-                            &s, g, kept, target, wv, view, a, b, gxs, dw, da, db,
-                        )
-                    })?;
-                    crate::omp_team::mark("backward: experts done");
-                    if let Some(extra) = extra {
-                        crate::error::check_len("grad_weights", extra.len(), dw.len())?;
-                        for (v, &u) in dw.iter_mut().zip(extra) {
-                            *v += u;
-                        }
-                    }
-                    rg.weights = dw;
-                    let gxs = &*gxs;
-                    let fill = |first: usize, rows: &mut [$t]| {
-                        routed_experts::sum_rows_of_tokens(&s, gxs, view.slot_row, k, first, rows)
-                    };
-                    with_team(threads, 0, || {
-                        router_backward::router_backward_filling(
-                            &rs,
-                            t,
-                            e,
+                        let mut router = RouterAfterExperts {
+                            blocks: RouterBlocks::new(t, e, d),
+                            saved: &rs,
+                            grads: rg,
+                            grad_weights: extra,
+                            shape: &s,
+                            slot_row: view.slot_row,
                             k,
-                            d,
-                            &rg,
-                            Some(&fill),
-                            dxv,
-                            dwrv,
-                        )
+                            dx: dxv,
+                        };
+                        routed_experts::routed_experts_backward_rows(
+                            &s,
+                            g,
+                            kept,
+                            target,
+                            wv,
+                            view,
+                            a,
+                            b,
+                            gxs,
+                            dw,
+                            da,
+                            db,
+                            Some(&mut router),
+                        )?;
+                        crate::omp_team::mark("backward: experts and router done");
+                        router.blocks.finish(dwrv)
                     })
                 })?;
             }
-            crate::omp_team::mark("backward: router done");
+            crate::omp_team::mark("backward: done");
             Ok((
                 dx.into_any(),
                 dwr.map(|a| a.into_any()),

@@ -13,8 +13,10 @@
 use crate::dispatch::{self, CombineRows};
 use crate::error::{check_len, KResult};
 use crate::expert_mlp::{
-    expert_mlp_backward_from, expert_mlp_forward_gathered, CombineGrad, GradRows, MlpReal, MlpShape,
+    expert_mlp_backward_from, expert_mlp_forward_gathered, AfterRows, CombineGrad, GradRows,
+    MlpReal, MlpShape,
 };
+use crate::omp_team::Task;
 
 /// A dispatch plan's index arrays (see `dispatch::dispatch_plan`).
 #[derive(Clone, Copy)]
@@ -96,14 +98,40 @@ pub fn routed_experts_backward<T: MlpReal>(
     dw2: &mut [T],
 ) -> KResult<()> {
     routed_experts_backward_rows(
-        s, grad, saved, grad_ys, weights, plan, w1, w2, grad_xs, dweights, dw1, dw2,
+        s, grad, saved, grad_ys, weights, plan, w1, w2, grad_xs, dweights, dw1, dw2, None,
     )?;
     dispatch::gather_backward(grad_xs, s.r, s.d, plan.slot_row, t, dx)
 }
 
+/// Work that runs with the experts' weight gradients once every row of the routed experts'
+/// backward is done (see [`AfterRows`]): it gets `grad_xs [R, d]` and the routing weights'
+/// gradient `dweights [T, K]`, to which it may first add (gradients from outside the layer).
+pub trait AfterExperts<T> {
+    /// The tasks; called once, on the calling thread.
+    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dweights: &'b mut [T]) -> KResult<Vec<Task<'b>>>;
+}
+
+/// The weights' gradient from the combine's dot products, then `then`'s tasks.
+struct WeightGradsThen<'x, T> {
+    slot_row: &'x [i64],
+    dweights: &'x mut [T],
+    then: &'x mut dyn AfterExperts<T>,
+}
+
+impl<T: MlpReal> AfterRows<T> for WeightGradsThen<'_, T> {
+    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dots: Option<&'b [T]>) -> KResult<Vec<Task<'b>>> {
+        let dots = dots.ok_or_else(|| {
+            crate::error::KernelError::Value("the combine's dot products are missing".into())
+        })?;
+        dispatch::weight_grads_from_dots(dots, self.slot_row, self.dweights)?;
+        self.then.tasks(grad_xs, self.dweights)
+    }
+}
+
 /// [`routed_experts_backward`] up to the gradient of the gathered rows, `grad_xs [R, d]`,
 /// without summing them per token into `dx` (for a caller that does it elsewhere, as the MoE
-/// layer's backward does inside the router's backward region: [`sum_rows_of_tokens`]).
+/// layer's backward does in the router's backward blocks: [`sum_rows_of_tokens`]). With `then`,
+/// its tasks run in the experts' last parallel region ([`AfterExperts`]).
 #[allow(clippy::too_many_arguments)]
 pub fn routed_experts_backward_rows<T: MlpReal>(
     s: &MlpShape,
@@ -118,6 +146,7 @@ pub fn routed_experts_backward_rows<T: MlpReal>(
     dweights: &mut [T],
     dw1: &mut [T],
     dw2: &mut [T],
+    then: Option<&mut dyn AfterExperts<T>>,
 ) -> KResult<()> {
     let (xs, h) = saved;
     let d = s.d;
@@ -147,8 +176,41 @@ pub fn routed_experts_backward_rows<T: MlpReal>(
         dots: &mut dots,
     };
     let grad_rows = GradRows::Combine(combine);
-    expert_mlp_backward_from(s, grad_rows, xs, h, w1, w2, plan.offsets, grad_xs, dw1, dw2)?;
-    dispatch::weight_grads_from_dots(&dots, plan.slot_row, dweights)
+    let Some(then) = then else {
+        expert_mlp_backward_from(
+            s,
+            grad_rows,
+            xs,
+            h,
+            w1,
+            w2,
+            plan.offsets,
+            grad_xs,
+            dw1,
+            dw2,
+            None,
+        )?;
+        return dispatch::weight_grads_from_dots(&dots, plan.slot_row, dweights);
+    };
+    let mut after = WeightGradsThen {
+        slot_row: plan.slot_row,
+        dweights,
+        then,
+    };
+    let after: &mut dyn AfterRows<T> = &mut after;
+    expert_mlp_backward_from(
+        s,
+        grad_rows,
+        xs,
+        h,
+        w1,
+        w2,
+        plan.offsets,
+        grad_xs,
+        dw1,
+        dw2,
+        Some(after),
+    )
 }
 
 /// `dx [m, d]` for the `m` tokens from `first`: each token's rows of `grad_xs [R, d]` summed in

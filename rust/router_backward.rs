@@ -14,15 +14,18 @@
 //! blocks were spread over threads).
 
 use crate::error::{check_len, KResult};
+use crate::expert_mlp::MlpShape;
 use crate::expert_mlp::{matmul, MlpReal, Strides};
 use crate::isa::with_best_isa;
-use crate::omp_team::try_for_each_part;
+use crate::omp_team::{run_tasks, Task};
 use crate::route_weights::route_weights_backward;
+use crate::routed_experts::{sum_rows_of_tokens, AfterExperts};
 use crate::router_forward::router_blocks;
 use crate::softmax::softmax_backward_rows;
 use crate::threads::{full_team, split, split_mut, with_team};
 
 /// The incoming gradients of a router's outputs.
+#[derive(Clone, Copy)]
 pub struct RouterGrads<'a, T> {
     /// `[T, K]` gradient of the routing weights.
     pub weights: &'a [T],
@@ -84,86 +87,187 @@ pub fn router_backward_filling<'a, T: MlpReal>(
     dx: &mut [T],
     dweight: &mut [T],
 ) -> KResult<()> {
-    check_len("x", s.x.len(), t * d)?;
-    check_len("router_weight", s.weight.len(), e * d)?;
-    check_len("dx", dx.len(), t * d)?;
     check_len("dweight", dweight.len(), e * d)?;
-    for (name, grad) in [("grad_probs", g.probs), ("grad_logits", g.logits)] {
-        if let Some(v) = grad {
-            check_len(name, v.len(), t * e)?;
+    let mut blocks = RouterBlocks::new(t, e, d);
+    let team = blocks.team;
+    run_tasks(team, blocks.tasks(s, k, *g, fill, dx)?)?;
+    blocks.finish(dweight)
+}
+
+/// The router's backward as one task per block of rows, for a parallel region of the caller's
+/// ([`router_backward_filling`] runs them in one of their own; the MoE layer's backward runs them
+/// with the experts' weight gradients, [`RouterAfterExperts`]). Each block takes every step on
+/// one thread and writes its part of `dWr`; [`RouterBlocks::finish`] sums the parts in block
+/// order, so the result does not depend on where the tasks ran.
+pub struct RouterBlocks<T> {
+    t: usize,
+    e: usize,
+    d: usize,
+    /// The router's team (sized like its forward) and its blocks: `rows` rows each.
+    team: usize,
+    rows: usize,
+    blocks: usize,
+    /// `[blocks, E, d]` each block's part of `dWr`.
+    partial: Vec<T>,
+}
+
+impl<T: MlpReal> RouterBlocks<T> {
+    /// The blocks of `t` rows for a router of `e` experts over `d` features, on the team asked
+    /// for by the enclosing `with_team`.
+    pub fn new(t: usize, e: usize, d: usize) -> Self {
+        let (team, rows, blocks) = router_blocks(full_team(), t, e, d);
+        Self {
+            t,
+            e,
+            d,
+            team,
+            rows,
+            blocks,
+            partial: vec![T::ZERO; blocks * e * d],
         }
     }
-    if let Some((_, share)) = g.balance {
-        check_len("share", share.len(), e)?;
-    }
-    check_len("grad_weights", g.weights.len(), t * k)?;
-    check_len("probs", s.probs.len(), t * e)?;
-    check_len("idx", s.idx.len(), t * k)?;
-    let coef = g
-        .balance
-        .map(|(c, share)| (c * T::from_f64(e as f64 / t.max(1) as f64), share));
-    // Blocks of rows, each through every step on one thread, in one parallel region (the team
-    // asked for by the enclosing `with_team`, sized like the router's forward); each block's
-    // part of dWr is summed below in block order.
-    let (team, rows, blocks) = router_blocks(full_team(), t, e, d);
-    let mut partial = vec![T::ZERO; blocks * e * d];
-    let opt = |v: Option<&'a [T]>| match v {
-        Some(v) => split(v, blocks, rows * e).into_iter().map(Some).collect(),
-        None => vec![None; blocks],
-    };
-    let parts: Vec<_> = split_mut(dx, blocks, rows * d)
-        .into_iter()
-        .zip(split_mut(&mut partial, blocks, e * d))
-        .zip(split(s.x, blocks, rows * d))
-        .zip(split(s.probs, blocks, rows * e))
-        .zip(split(s.idx, blocks, rows * k))
-        .zip(split(g.weights, blocks, rows * k))
-        .zip(opt(g.probs).into_iter().zip(opt(g.logits)))
-        .collect();
-    try_for_each_part(team, parts, |b, part| {
-        let ((((((dx, part), x), probs), idx), gw), (gp, gl)) = part;
-        let m = rows.min(t.saturating_sub(b * rows));
-        // (a kernel called inside a task runs inline)
-        with_team(1, 0, || -> KResult<()> {
-            if let Some(fill) = fill {
-                fill(b * rows, &mut dx[..m * d])?;
+
+    /// The blocks' tasks (arguments checked first): each fills its rows of `dx [T, d]` with
+    /// `fill` (when given), then adds the router's gradient of `x` to them and writes its part
+    /// of `dWr`.
+    pub fn tasks<'b, F>(
+        &'b mut self,
+        s: &'b RouterSaved<'b, T>,
+        k: usize,
+        g: RouterGrads<'b, T>,
+        fill: Option<F>,
+        dx: &'b mut [T],
+    ) -> KResult<Vec<Task<'b>>>
+    where
+        F: Fn(usize, &mut [T]) -> KResult<()> + Copy + Send + 'b,
+    {
+        let (t, e, d, rows, blocks) = (self.t, self.e, self.d, self.rows, self.blocks);
+        check_len("x", s.x.len(), t * d)?;
+        check_len("router_weight", s.weight.len(), e * d)?;
+        check_len("dx", dx.len(), t * d)?;
+        for (name, grad) in [("grad_probs", g.probs), ("grad_logits", g.logits)] {
+            if let Some(v) = grad {
+                check_len(name, v.len(), t * e)?;
             }
-            let mut dp = vec![T::ZERO; m * e];
-            route_weights_backward(gw, probs, m, e, idx, k, s.renormalize, &mut dp)?;
-            if gp.is_some() || coef.is_some() {
-                for (r, row) in dp.chunks_exact_mut(e.max(1)).enumerate() {
-                    if let Some(gp) = gp {
-                        for (v, &u) in row.iter_mut().zip(&gp[r * e..(r + 1) * e]) {
-                            *v += u;
-                        }
-                    }
-                    if let Some((c, share)) = coef {
-                        for (v, &f) in row.iter_mut().zip(share) {
-                            *v += c * f;
-                        }
-                    }
-                }
-            }
-            let mut dl = vec![T::ZERO; m * e];
-            softmax_backward_rows(&dp, probs, m, e, &mut dl)?;
-            let inv_t = T::ONE / s.temperature;
-            if gl.is_some() || s.temperature != T::ONE {
-                for (i, v) in dl.iter_mut().enumerate() {
-                    let extra = gl.map_or(T::ZERO, |gl| gl[i]);
-                    *v = (*v + extra) * inv_t;
-                }
-            }
-            linear_backward_rows(&dl, x, s.weight, m, e, d, dx, part);
-            Ok(())
-        })
-    })?;
-    dweight.fill(T::ZERO);
-    for part in partial.chunks_exact(e * d) {
-        for (v, &u) in dweight.iter_mut().zip(part) {
-            *v += u;
         }
+        if let Some((_, share)) = g.balance {
+            check_len("share", share.len(), e)?;
+        }
+        check_len("grad_weights", g.weights.len(), t * k)?;
+        check_len("probs", s.probs.len(), t * e)?;
+        check_len("idx", s.idx.len(), t * k)?;
+        let coef = g
+            .balance
+            .map(|(c, share)| (c * T::from_f64(e as f64 / t.max(1) as f64), share));
+        let opt = |v: Option<&'b [T]>| match v {
+            Some(v) => split(v, blocks, rows * e).into_iter().map(Some).collect(),
+            None => vec![None; blocks],
+        };
+        let parts = split_mut(dx, blocks, rows * d)
+            .into_iter()
+            .zip(split_mut(&mut self.partial, blocks, e * d))
+            .zip(split(s.x, blocks, rows * d))
+            .zip(split(s.probs, blocks, rows * e))
+            .zip(split(s.idx, blocks, rows * k))
+            .zip(split(g.weights, blocks, rows * k))
+            .zip(opt(g.probs).into_iter().zip(opt(g.logits)));
+        let tasks = parts.enumerate().map(|(b, part)| -> Task<'b> {
+            let ((((((dx, part), x), probs), idx), gw), (gp, gl)) = part;
+            let m = rows.min(t.saturating_sub(b * rows));
+            Box::new(move || {
+                // (a kernel called inside a task runs inline)
+                with_team(1, 0, || -> KResult<()> {
+                    if let Some(fill) = fill {
+                        fill(b * rows, &mut dx[..m * d])?;
+                    }
+                    let mut dp = vec![T::ZERO; m * e];
+                    route_weights_backward(gw, probs, m, e, idx, k, s.renormalize, &mut dp)?;
+                    if gp.is_some() || coef.is_some() {
+                        for (r, row) in dp.chunks_exact_mut(e.max(1)).enumerate() {
+                            if let Some(gp) = gp {
+                                for (v, &u) in row.iter_mut().zip(&gp[r * e..(r + 1) * e]) {
+                                    *v += u;
+                                }
+                            }
+                            if let Some((c, share)) = coef {
+                                for (v, &f) in row.iter_mut().zip(share) {
+                                    *v += c * f;
+                                }
+                            }
+                        }
+                    }
+                    let mut dl = vec![T::ZERO; m * e];
+                    softmax_backward_rows(&dp, probs, m, e, &mut dl)?;
+                    let inv_t = T::ONE / s.temperature;
+                    if gl.is_some() || s.temperature != T::ONE {
+                        for (i, v) in dl.iter_mut().enumerate() {
+                            let extra = gl.map_or(T::ZERO, |gl| gl[i]);
+                            *v = (*v + extra) * inv_t;
+                        }
+                    }
+                    linear_backward_rows(&dl, x, s.weight, m, e, d, dx, part);
+                    Ok(())
+                })
+            })
+        });
+        Ok(tasks.collect())
     }
-    Ok(())
+
+    /// `dweight [E, d]` = the blocks' parts summed in block order (after their tasks ran).
+    pub fn finish(&self, dweight: &mut [T]) -> KResult<()> {
+        let size = self.e * self.d;
+        check_len("dweight", dweight.len(), size)?;
+        dweight.fill(T::ZERO);
+        for part in self.partial.chunks_exact(size.max(1)) {
+            for (v, &u) in dweight.iter_mut().zip(part) {
+                *v += u;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The router's backward as the routed experts' after-work ([`AfterExperts`]): in the MoE
+/// layer's backward its blocks run in the experts' weight-gradient region. Each block first sums
+/// its tokens' rows of `grad_xs` into `dx` (the gather's backward), then adds the router's part;
+/// `grad_weights` (the routing weights' gradient from outside the layer, if any) is added to the
+/// experts' before the blocks are made. [`RouterBlocks::finish`] on `blocks` writes `dWr` after.
+pub struct RouterAfterExperts<'x, T> {
+    /// The router's blocks (their parts of `dWr`).
+    pub blocks: RouterBlocks<T>,
+    /// What the router's forward saw and produced.
+    pub saved: &'x RouterSaved<'x, T>,
+    /// The other incoming gradients (`weights` is replaced by the experts' one).
+    pub grads: RouterGrads<'x, T>,
+    /// `[T, K]` the routing weights' gradient from outside the layer.
+    pub grad_weights: Option<&'x [T]>,
+    /// The experts' shape, the plan's `[T, K]` rows of the slots, and K.
+    pub shape: &'x MlpShape,
+    pub slot_row: &'x [i64],
+    pub k: usize,
+    /// `[T, d]` written by the blocks.
+    pub dx: &'x mut [T],
+}
+
+impl<T: MlpReal> AfterExperts<T> for RouterAfterExperts<'_, T> {
+    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dweights: &'b mut [T]) -> KResult<Vec<Task<'b>>> {
+        if let Some(extra) = self.grad_weights {
+            check_len("grad_weights", extra.len(), dweights.len())?;
+            for (v, &u) in dweights.iter_mut().zip(extra) {
+                *v += u;
+            }
+        }
+        let grads = RouterGrads {
+            weights: dweights,
+            ..self.grads
+        };
+        let (shape, slot_row, k) = (self.shape, self.slot_row, self.k);
+        let fill = move |first: usize, rows: &mut [T]| {
+            sum_rows_of_tokens(shape, grad_xs, slot_row, k, first, rows)
+        };
+        self.blocks
+            .tasks(self.saved, k, grads, Some(fill), &mut *self.dx)
+    }
 }
 
 /// For the rows `dl [m, E]` of `x [m, d]`: `dx [m, d] += dl Wr` and `part [E, d] = dl^T x`.
@@ -340,6 +444,128 @@ mod tests {
         assert!(router_backward(&saved, 1, 2, 1, 3, &grads, &mut [0.0; 3], &mut dw).is_err()); // expert 2 of 2
         assert!(router_backward(&saved, 1, 2, 1, 3, &grads, &mut [0.0; 2], &mut dw).is_err());
         // dx size
+    }
+
+    /// The router's blocks run in the experts' weight-gradient region (the MoE layer's backward)
+    /// give what the experts' backward followed by the router's own region gives, bit for bit,
+    /// on one thread and on a team, with and without gradients from outside the layer.
+    #[test]
+    fn router_after_experts_equals_router_after_the_experts_region() {
+        use crate::expert_mlp::Activation;
+        use crate::routed_experts::{routed_experts_backward_rows, GradYs, PlanView};
+        let (t, e, k, d, f) = (301usize, 4usize, 2usize, 6usize, 5usize);
+        let idx: Vec<i64> = (0..t * k).map(|i| ((i * 7 + i / k) % e) as i64).collect();
+        let plan = crate::dispatch::dispatch_plan(&idx, t, k, e, Some(140)).unwrap();
+        let r = plan.row_token.len();
+        let s = MlpShape {
+            r,
+            d,
+            e,
+            f,
+            act: Activation::SwiGlu,
+        };
+        let h1 = s.act.h1(f);
+        let (xs, h, ys) = (values(r * d, 1), values(r * h1, 2), values(r * d, 3));
+        let (w1, w2) = (values(e * h1 * d, 4), values(e * d * f, 5));
+        let (grad, weights) = (values(t * d, 6), values(t * k, 7));
+        let (x, wr) = (values(t * d, 8), values(e * d, 9));
+        let probs: Vec<f64> = values(t * e, 10).iter().map(|v| v.abs() + 0.01).collect();
+        let (gp, extra) = (values(t * e, 11), values(t * k, 12));
+        let share = vec![1.0 / e as f64; e];
+        let saved = RouterSaved {
+            x: &x,
+            weight: &wr,
+            probs: &probs,
+            idx: &idx,
+            renormalize: true,
+            temperature: 0.7,
+        };
+        let view = PlanView::from(&plan);
+        for threads in [1, 4] {
+            for outside in [false, true] {
+                let grads = RouterGrads {
+                    weights: &[],
+                    probs: outside.then_some(&gp[..]),
+                    logits: None,
+                    balance: Some((0.3, &share[..])),
+                };
+                let extra = outside.then_some(&extra[..]);
+                let run = |fused: bool| {
+                    let (mut gys, mut gxs) = (vec![0.0; r * d], vec![0.0; r * d]);
+                    let (mut dw, mut dw1, mut dw2) =
+                        (vec![0.0; t * k], vec![0.0; w1.len()], vec![0.0; w2.len()]);
+                    let (mut dx, mut dwr) = (vec![f64::NAN; t * d], vec![0.0; e * d]);
+                    with_team(threads, usize::MAX, || {
+                        let target = GradYs::Scratch {
+                            ys: &ys,
+                            grad_ys: &mut gys,
+                        };
+                        let (a, b) = ((&xs[..], &h[..]), (&w1[..], &w2[..]));
+                        if fused {
+                            let mut router = RouterAfterExperts {
+                                blocks: RouterBlocks::new(t, e, d),
+                                saved: &saved,
+                                grads,
+                                grad_weights: extra,
+                                shape: &s,
+                                slot_row: &plan.slot_row,
+                                k,
+                                dx: &mut dx,
+                            };
+                            routed_experts_backward_rows(
+                                &s,
+                                &grad,
+                                a,
+                                target,
+                                &weights,
+                                view,
+                                b.0,
+                                b.1,
+                                &mut gxs,
+                                &mut dw,
+                                &mut dw1,
+                                &mut dw2,
+                                Some(&mut router),
+                            )
+                            .unwrap();
+                            router.blocks.finish(&mut dwr).unwrap();
+                        } else {
+                            routed_experts_backward_rows(
+                                &s, &grad, a, target, &weights, view, b.0, b.1, &mut gxs, &mut dw,
+                                &mut dw1, &mut dw2, None,
+                            )
+                            .unwrap();
+                            if let Some(extra) = extra {
+                                dw.iter_mut().zip(extra).for_each(|(v, u)| *v += u);
+                            }
+                            let fill = |first: usize, rows: &mut [f64]| {
+                                sum_rows_of_tokens(&s, &gxs, &plan.slot_row, k, first, rows)
+                            };
+                            let g = RouterGrads {
+                                weights: &dw,
+                                ..grads
+                            };
+                            router_backward_filling(
+                                &saved,
+                                t,
+                                e,
+                                k,
+                                d,
+                                &g,
+                                Some(&fill),
+                                &mut dx,
+                                &mut dwr,
+                            )
+                            .unwrap();
+                        }
+                    });
+                    (dx, dwr, dw1, dw2)
+                };
+                let want = run(false);
+                assert!(want.0.iter().all(|v| v.is_finite()));
+                assert_eq!(run(true), want, "threads {threads}, outside {outside}");
+            }
+        }
     }
 
     /// Many rows over a team (blocks of rows on their threads) give the same `dx` as one thread,
