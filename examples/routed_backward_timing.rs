@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use _native::dispatch::{combine_backward_in_place, dispatch_plan};
 use _native::expert_mlp::{expert_mlp_backward, Activation, MlpShape};
-use _native::routed_experts::{routed_experts_backward_rows, GradYs, PlanView};
+use _native::routed_experts::{routed_experts_backward_rows, GradYs, PlanView, WeightGrads};
 use _native::threads::with_team;
 
 fn main() {
@@ -57,10 +57,9 @@ fn main() {
                     &w1,
                     &w2,
                     &mut gxs,
-                    &mut dw,
+                    WeightGrads::Into(&mut dw),
                     &mut dw1,
                     &mut dw2,
-                    None,
                 )
             } else {
                 let (rt, rs, sr) = (&plan.row_token, &plan.row_slot, &plan.slot_row);

@@ -21,8 +21,10 @@ use crate::expert_mlp::{self, Activation, MlpShape};
 use crate::lars;
 use crate::pool;
 use crate::route_weights;
-use crate::routed_experts::{self, GradYs, PlanView};
-use crate::router_backward::{self, RouterAfterExperts, RouterBlocks, RouterGrads, RouterSaved};
+use crate::routed_experts::{self, GradYs, PlanView, WeightGrads};
+use crate::router_backward::{
+    self, RouterAfterExperts, RouterBlocks, RouterGrads, RouterSaved, SlotGrads,
+};
 use crate::router_forward::{self, RouterOutputs, Selection};
 use crate::routing::{self, ROUTE_COST};
 use crate::softmax;
@@ -655,7 +657,7 @@ fn router_views<'a, T: Element + Copy>(
         temperature: *temperature,
     };
     let g = RouterGrads {
-        weights: &[],
+        weights: SlotGrads::Given(&[]),
         probs: match &*grad_probs {
             Some(a) => Some(slice!(a, "grad_probs")),
             None => None,
@@ -685,7 +687,7 @@ macro_rules! router_backward_kernels {
             threads: usize,
         ) -> PyResult<()> {
             let (s, mut g, dims, dwv) = router_views(&mut router)?;
-            g.weights = slice!(grad_weights, "grad_weights");
+            g.weights = SlotGrads::Given(slice!(grad_weights, "grad_weights"));
             let dxv = slice_mut!(dx, "dx");
             let [t, e, k, d] = dims;
             Ok(run_team(py, threads, 0, || {
@@ -1123,7 +1125,6 @@ macro_rules! moe_layer_kernels {
             } else {
                 Some(pool_vec::<$t>(s.r * d)?)
             };
-            let mut dweights = vec![<$t>::default(); t * k];
             {
                 let (mut dxw, mut dw1w, mut dw2w) =
                     (dx.readwrite(), dw1.readwrite(), dw2.readwrite());
@@ -1166,7 +1167,7 @@ macro_rules! moe_layer_kernels {
                     None => None,
                 };
                 let rg = RouterGrads {
-                    weights: &[],
+                    weights: SlotGrads::Given(&[]),
                     probs: match &grad_probs {
                         Some(a) => Some(slice!(a, "grad_probs")),
                         None => None,
@@ -1180,10 +1181,11 @@ macro_rules! moe_layer_kernels {
                         None => None,
                     },
                 };
-                let dw = &mut dweights[..];
                 crate::omp_team::mark("backward: buffers ready");
                 py.detach(|| -> KResult<()> {
                     let Some(dwrv) = dwrv else {
+                        // (the routing weights' gradient is of no use without the router's)
+                        let dw = &mut vec![<$t>::default(); t * k][..];
                         return with_team(threads, 2 * mlp_work(&s), || {
                             routed_experts::routed_experts_backward(
                                 &s, g, t, kept, target, wv, view, a, b, gxs, dxv, dw, da, db,
@@ -1203,20 +1205,9 @@ macro_rules! moe_layer_kernels {
                             k,
                             dx: dxv,
                         };
+                        let after = WeightGrads::After(&mut router);
                         routed_experts::routed_experts_backward_rows(
-                            &s,
-                            g,
-                            kept,
-                            target,
-                            wv,
-                            view,
-                            a,
-                            b,
-                            gxs,
-                            dw,
-                            da,
-                            db,
-                            Some(&mut router),
+                            &s, g, kept, target, wv, view, a, b, gxs, after, da, db,
                         )?;
                         crate::omp_team::mark("backward: experts and router done");
                         router.blocks.finish(dwrv)

@@ -16,7 +16,6 @@ use crate::expert_mlp::{
     expert_mlp_backward_from, expert_mlp_forward_gathered, AfterRows, CombineGrad, GradRows,
     MlpReal, MlpShape,
 };
-use crate::omp_team::Task;
 
 /// A dispatch plan's index arrays (see `dispatch::dispatch_plan`).
 #[derive(Clone, Copy)]
@@ -97,41 +96,28 @@ pub fn routed_experts_backward<T: MlpReal>(
     dw1: &mut [T],
     dw2: &mut [T],
 ) -> KResult<()> {
+    let into = WeightGrads::Into(dweights);
     routed_experts_backward_rows(
-        s, grad, saved, grad_ys, weights, plan, w1, w2, grad_xs, dweights, dw1, dw2, None,
+        s, grad, saved, grad_ys, weights, plan, w1, w2, grad_xs, into, dw1, dw2,
     )?;
     dispatch::gather_backward(grad_xs, s.r, s.d, plan.slot_row, t, dx)
 }
 
-/// Work that runs with the experts' weight gradients once every row of the routed experts'
-/// backward is done (see [`AfterRows`]): it gets `grad_xs [R, d]` and the routing weights'
-/// gradient `dweights [T, K]`, to which it may first add (gradients from outside the layer).
-pub trait AfterExperts<T> {
-    /// The tasks; called once, on the calling thread.
-    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dweights: &'b mut [T]) -> KResult<Vec<Task<'b>>>;
-}
-
-/// The weights' gradient from the combine's dot products, then `then`'s tasks.
-struct WeightGradsThen<'x, T> {
-    slot_row: &'x [i64],
-    dweights: &'x mut [T],
-    then: &'x mut dyn AfterExperts<T>,
-}
-
-impl<T: MlpReal> AfterRows<T> for WeightGradsThen<'_, T> {
-    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dots: Option<&'b [T]>) -> KResult<Vec<Task<'b>>> {
-        let dots = dots.ok_or_else(|| {
-            crate::error::KernelError::Value("the combine's dot products are missing".into())
-        })?;
-        dispatch::weight_grads_from_dots(dots, self.slot_row, self.dweights)?;
-        self.then.tasks(grad_xs, self.dweights)
-    }
+/// Where the routed experts' backward puts the routing weights' gradient.
+pub enum WeightGrads<'a, T> {
+    /// Into `[T, K]`, after the experts' backward.
+    Into(&'a mut [T]),
+    /// Nowhere: `after` gets the combine's per-row dot products it comes from
+    /// ([`dispatch::weight_grads_from_dots`]), with `grad_xs`, in the experts' last parallel
+    /// region ([`AfterRows`]); the MoE layer's router backward does this
+    /// (`router_backward::RouterAfterExperts`).
+    After(&'a mut dyn AfterRows<T>),
 }
 
 /// [`routed_experts_backward`] up to the gradient of the gathered rows, `grad_xs [R, d]`,
 /// without summing them per token into `dx` (for a caller that does it elsewhere, as the MoE
-/// layer's backward does in the router's backward blocks: [`sum_rows_of_tokens`]). With `then`,
-/// its tasks run in the experts' last parallel region ([`AfterExperts`]).
+/// layer's backward does in the router's backward blocks: [`sum_rows_of_tokens`]); the routing
+/// weights' gradient goes where `weight_grads` says.
 #[allow(clippy::too_many_arguments)]
 pub fn routed_experts_backward_rows<T: MlpReal>(
     s: &MlpShape,
@@ -143,10 +129,9 @@ pub fn routed_experts_backward_rows<T: MlpReal>(
     w1: &[T],
     w2: &[T],
     grad_xs: &mut [T],
-    dweights: &mut [T],
+    weight_grads: WeightGrads<'_, T>,
     dw1: &mut [T],
     dw2: &mut [T],
-    then: Option<&mut dyn AfterExperts<T>>,
 ) -> KResult<()> {
     let (xs, h) = saved;
     let d = s.d;
@@ -154,7 +139,9 @@ pub fn routed_experts_backward_rows<T: MlpReal>(
     let t = grad.len().checked_div(d).unwrap_or(0);
     check_len("grad", grad.len(), t * d)?;
     check_len("weights", weights.len(), slots)?;
-    check_len("dweights", dweights.len(), slots)?;
+    if let WeightGrads::Into(dweights) = &weight_grads {
+        check_len("dweights", dweights.len(), slots)?;
+    }
     // The combine's backward runs inside the expert backward's row tiles, each tile its own
     // rows (one parallel region fewer); the dot products become the weights' gradient after.
     let (ys, gys) = match grad_ys {
@@ -176,41 +163,17 @@ pub fn routed_experts_backward_rows<T: MlpReal>(
         dots: &mut dots,
     };
     let grad_rows = GradRows::Combine(combine);
-    let Some(then) = then else {
-        expert_mlp_backward_from(
-            s,
-            grad_rows,
-            xs,
-            h,
-            w1,
-            w2,
-            plan.offsets,
-            grad_xs,
-            dw1,
-            dw2,
-            None,
-        )?;
-        return dispatch::weight_grads_from_dots(&dots, plan.slot_row, dweights);
-    };
-    let mut after = WeightGradsThen {
-        slot_row: plan.slot_row,
-        dweights,
-        then,
-    };
-    let after: &mut dyn AfterRows<T> = &mut after;
-    expert_mlp_backward_from(
-        s,
-        grad_rows,
-        xs,
-        h,
-        w1,
-        w2,
-        plan.offsets,
-        grad_xs,
-        dw1,
-        dw2,
-        Some(after),
-    )
+    let (offsets, gxs) = (plan.offsets, grad_xs);
+    match weight_grads {
+        WeightGrads::Into(dweights) => {
+            expert_mlp_backward_from(s, grad_rows, xs, h, w1, w2, offsets, gxs, dw1, dw2, None)?;
+            dispatch::weight_grads_from_dots(&dots, plan.slot_row, dweights)
+        }
+        WeightGrads::After(after) => {
+            let after = Some(after);
+            expert_mlp_backward_from(s, grad_rows, xs, h, w1, w2, offsets, gxs, dw1, dw2, after)
+        }
+    }
 }
 
 /// `dx [m, d]` for the `m` tokens from `first`: each token's rows of `grad_xs [R, d]` summed in

@@ -13,22 +13,43 @@
 //! `dWr = dl^T x` (summed over row blocks in order, so the result does not depend on how the
 //! blocks were spread over threads).
 
-use crate::error::{check_len, KResult};
-use crate::expert_mlp::MlpShape;
+use crate::dispatch::weight_grads_from_dots;
+use crate::error::{check_len, value_err, KResult};
 use crate::expert_mlp::{matmul, MlpReal, Strides};
+use crate::expert_mlp::{AfterRows, MlpShape};
 use crate::isa::with_best_isa;
 use crate::omp_team::{run_tasks, Task};
 use crate::route_weights::route_weights_backward;
-use crate::routed_experts::{sum_rows_of_tokens, AfterExperts};
+use crate::routed_experts::sum_rows_of_tokens;
 use crate::router_forward::router_blocks;
 use crate::softmax::softmax_backward_rows;
 use crate::threads::{full_team, split, split_mut, with_team};
+
+/// The gradient of a router's weights `[T, K]`.
+#[derive(Clone, Copy)]
+pub enum SlotGrads<'a, T> {
+    /// Given.
+    Given(&'a [T]),
+    /// From the routed experts' backward (the MoE layer's): slot `s` gets the combine's dot
+    /// product of its row, `dots[slot_row[s]]` (0 for an empty or dropped slot), plus `extra[s]`
+    /// (the weights' gradient from outside the layer), each block computing its own slots in
+    /// its task: done serially, the reads of rows other threads just wrote cost 20-50 us at 16
+    /// threads (`benches.region_timeline`).
+    FromRows {
+        /// `[R]` the rows' dot products.
+        dots: &'a [T],
+        /// `[T, K]` the plan's row of each slot, -1 if none.
+        slot_row: &'a [i64],
+        /// `[T, K]` gradient from outside the layer, if any.
+        extra: Option<&'a [T]>,
+    },
+}
 
 /// The incoming gradients of a router's outputs.
 #[derive(Clone, Copy)]
 pub struct RouterGrads<'a, T> {
     /// `[T, K]` gradient of the routing weights.
-    pub weights: &'a [T],
+    pub weights: SlotGrads<'a, T>,
     /// `[T, E]` gradient of the probabilities, when they were used outside the router.
     pub probs: Option<&'a [T]>,
     /// `[T, E]` gradient of the logits (after temperature), when they were used outside.
@@ -153,7 +174,17 @@ impl<T: MlpReal> RouterBlocks<T> {
         if let Some((_, share)) = g.balance {
             check_len("share", share.len(), e)?;
         }
-        check_len("grad_weights", g.weights.len(), t * k)?;
+        match g.weights {
+            SlotGrads::Given(w) => check_len("grad_weights", w.len(), t * k)?,
+            SlotGrads::FromRows {
+                slot_row, extra, ..
+            } => {
+                check_len("plan.slot_row", slot_row.len(), t * k)?;
+                if let Some(extra) = extra {
+                    check_len("grad_weights", extra.len(), t * k)?;
+                }
+            }
+        }
         check_len("probs", s.probs.len(), t * e)?;
         check_len("idx", s.idx.len(), t * k)?;
         let coef = g
@@ -169,17 +200,37 @@ impl<T: MlpReal> RouterBlocks<T> {
             .zip(split(s.x, blocks, rows * d))
             .zip(split(s.probs, blocks, rows * e))
             .zip(split(s.idx, blocks, rows * k))
-            .zip(split(g.weights, blocks, rows * k))
             .zip(opt(g.probs).into_iter().zip(opt(g.logits)));
         let tasks = parts.enumerate().map(|(b, part)| -> Task<'b> {
-            let ((((((dx, part), x), probs), idx), gw), (gp, gl)) = part;
+            let (((((dx, part), x), probs), idx), (gp, gl)) = part;
             let m = rows.min(t.saturating_sub(b * rows));
+            let slots = (b * rows * k).min(t * k)..(b * rows + m) * k;
+            let weights = g.weights;
             Box::new(move || {
                 // (a kernel called inside a task runs inline)
                 with_team(1, 0, || -> KResult<()> {
                     if let Some(fill) = fill {
                         fill(b * rows, &mut dx[..m * d])?;
                     }
+                    let from_rows;
+                    let gw = match weights {
+                        SlotGrads::Given(w) => &w[slots],
+                        SlotGrads::FromRows {
+                            dots,
+                            slot_row,
+                            extra,
+                        } => {
+                            let mut gw = vec![T::ZERO; m * k];
+                            weight_grads_from_dots(dots, &slot_row[slots.clone()], &mut gw)?;
+                            if let Some(extra) = extra {
+                                for (v, &u) in gw.iter_mut().zip(&extra[slots]) {
+                                    *v += u;
+                                }
+                            }
+                            from_rows = gw;
+                            &from_rows[..]
+                        }
+                    };
                     let mut dp = vec![T::ZERO; m * e];
                     route_weights_backward(gw, probs, m, e, idx, k, s.renormalize, &mut dp)?;
                     if gp.is_some() || coef.is_some() {
@@ -227,38 +278,41 @@ impl<T: MlpReal> RouterBlocks<T> {
     }
 }
 
-/// The router's backward as the routed experts' after-work ([`AfterExperts`]): in the MoE
-/// layer's backward its blocks run in the experts' weight-gradient region. Each block first sums
-/// its tokens' rows of `grad_xs` into `dx` (the gather's backward), then adds the router's part;
-/// `grad_weights` (the routing weights' gradient from outside the layer, if any) is added to the
-/// experts' before the blocks are made. [`RouterBlocks::finish`] on `blocks` writes `dWr` after.
+/// The router's backward as the routed experts' after-work ([`AfterRows`]): in the MoE layer's
+/// backward its blocks run in the experts' weight-gradient region. Each block first sums its
+/// tokens' rows of `grad_xs` into `dx` (the gather's backward) and makes its slots' weights
+/// gradient from the combine's dot products ([`SlotGrads::FromRows`]), then adds the router's
+/// part to `dx`. [`RouterBlocks::finish`] on `blocks` writes `dWr` after.
 pub struct RouterAfterExperts<'x, T> {
     /// The router's blocks (their parts of `dWr`).
     pub blocks: RouterBlocks<T>,
     /// What the router's forward saw and produced.
     pub saved: &'x RouterSaved<'x, T>,
-    /// The other incoming gradients (`weights` is replaced by the experts' one).
+    /// The other incoming gradients (`weights` is replaced by the one from the experts).
     pub grads: RouterGrads<'x, T>,
     /// `[T, K]` the routing weights' gradient from outside the layer.
     pub grad_weights: Option<&'x [T]>,
-    /// The experts' shape, the plan's `[T, K]` rows of the slots, and K.
+    /// The experts' shape.
     pub shape: &'x MlpShape,
+    /// The plan's `[T, K]` row of each slot.
     pub slot_row: &'x [i64],
+    /// Slots per token.
     pub k: usize,
     /// `[T, d]` written by the blocks.
     pub dx: &'x mut [T],
 }
 
-impl<T: MlpReal> AfterExperts<T> for RouterAfterExperts<'_, T> {
-    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dweights: &'b mut [T]) -> KResult<Vec<Task<'b>>> {
-        if let Some(extra) = self.grad_weights {
-            check_len("grad_weights", extra.len(), dweights.len())?;
-            for (v, &u) in dweights.iter_mut().zip(extra) {
-                *v += u;
-            }
-        }
+impl<T: MlpReal> AfterRows<T> for RouterAfterExperts<'_, T> {
+    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dots: Option<&'b [T]>) -> KResult<Vec<Task<'b>>> {
+        let Some(dots) = dots else {
+            return value_err("the router's backward needs the combine's dot products");
+        };
         let grads = RouterGrads {
-            weights: dweights,
+            weights: SlotGrads::FromRows {
+                dots,
+                slot_row: self.slot_row,
+                extra: self.grad_weights,
+            },
             ..self.grads
         };
         let (shape, slot_row, k) = (self.shape, self.slot_row, self.k);
@@ -379,7 +433,7 @@ mod tests {
             temperature: temp,
         };
         let grads = RouterGrads {
-            weights: &gw,
+            weights: SlotGrads::Given(&gw),
             probs: Some(&gp),
             logits: Some(&gl),
             balance: Some((gb, &share[..])),
@@ -419,7 +473,7 @@ mod tests {
             temperature: 1.0,
         };
         let grads = RouterGrads {
-            weights: &[],
+            weights: SlotGrads::Given(&[]),
             probs: None,
             logits: None,
             balance: None,
@@ -436,7 +490,7 @@ mod tests {
             temperature: 1.0,
         };
         let grads = RouterGrads {
-            weights: &[1.0],
+            weights: SlotGrads::Given(&[1.0]),
             probs: None,
             logits: None,
             balance: None,
@@ -452,7 +506,7 @@ mod tests {
     #[test]
     fn router_after_experts_equals_router_after_the_experts_region() {
         use crate::expert_mlp::Activation;
-        use crate::routed_experts::{routed_experts_backward_rows, GradYs, PlanView};
+        use crate::routed_experts::{routed_experts_backward_rows, GradYs, PlanView, WeightGrads};
         let (t, e, k, d, f) = (301usize, 4usize, 2usize, 6usize, 5usize);
         let idx: Vec<i64> = (0..t * k).map(|i| ((i * 7 + i / k) % e) as i64).collect();
         let plan = crate::dispatch::dispatch_plan(&idx, t, k, e, Some(140)).unwrap();
@@ -484,7 +538,7 @@ mod tests {
         for threads in [1, 4] {
             for outside in [false, true] {
                 let grads = RouterGrads {
-                    weights: &[],
+                    weights: SlotGrads::Given(&[]),
                     probs: outside.then_some(&gp[..]),
                     logits: None,
                     balance: Some((0.3, &share[..])),
@@ -522,17 +576,26 @@ mod tests {
                                 b.0,
                                 b.1,
                                 &mut gxs,
-                                &mut dw,
+                                WeightGrads::After(&mut router),
                                 &mut dw1,
                                 &mut dw2,
-                                Some(&mut router),
                             )
                             .unwrap();
                             router.blocks.finish(&mut dwr).unwrap();
                         } else {
                             routed_experts_backward_rows(
-                                &s, &grad, a, target, &weights, view, b.0, b.1, &mut gxs, &mut dw,
-                                &mut dw1, &mut dw2, None,
+                                &s,
+                                &grad,
+                                a,
+                                target,
+                                &weights,
+                                view,
+                                b.0,
+                                b.1,
+                                &mut gxs,
+                                WeightGrads::Into(&mut dw),
+                                &mut dw1,
+                                &mut dw2,
                             )
                             .unwrap();
                             if let Some(extra) = extra {
@@ -542,7 +605,7 @@ mod tests {
                                 sum_rows_of_tokens(&s, &gxs, &plan.slot_row, k, first, rows)
                             };
                             let g = RouterGrads {
-                                weights: &dw,
+                                weights: SlotGrads::Given(&dw),
                                 ..grads
                             };
                             router_backward_filling(
@@ -566,6 +629,46 @@ mod tests {
                 assert_eq!(run(true), want, "threads {threads}, outside {outside}");
             }
         }
+        // A slot_row that does not match the tokens is an error, not a panic.
+        let (mut gys, mut gxs) = (vec![0.0; r * d], vec![0.0; r * d]);
+        let (mut dw1, mut dw2, mut dx) =
+            (vec![0.0; w1.len()], vec![0.0; w2.len()], vec![0.0; t * d]);
+        let grads = RouterGrads {
+            weights: SlotGrads::Given(&[]),
+            probs: None,
+            logits: None,
+            balance: None,
+        };
+        let mut router = RouterAfterExperts {
+            blocks: RouterBlocks::new(t, e, d),
+            saved: &saved,
+            grads,
+            grad_weights: None,
+            shape: &s,
+            slot_row: &plan.slot_row[1..],
+            k,
+            dx: &mut dx,
+        };
+        let target = GradYs::Scratch {
+            ys: &ys,
+            grad_ys: &mut gys,
+        };
+        let after = WeightGrads::After(&mut router);
+        let res = routed_experts_backward_rows(
+            &s,
+            &grad,
+            (&xs, &h),
+            target,
+            &weights,
+            view,
+            &w1,
+            &w2,
+            &mut gxs,
+            after,
+            &mut dw1,
+            &mut dw2,
+        );
+        assert!(res.is_err());
     }
 
     /// Many rows over a team (blocks of rows on their threads) give the same `dx` as one thread,
@@ -588,7 +691,7 @@ mod tests {
             temperature: 0.8,
         };
         let grads = RouterGrads {
-            weights: &gw,
+            weights: SlotGrads::Given(&gw),
             probs: Some(&gp),
             logits: Some(&gl),
             balance: Some((0.3, &share[..])),
