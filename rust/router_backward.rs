@@ -554,73 +554,51 @@ mod tests {
                             ys: &ys,
                             grad_ys: &mut gys,
                         };
-                        let (a, b) = ((&xs[..], &h[..]), (&w1[..], &w2[..]));
-                        if fused {
-                            let mut router = RouterAfterExperts {
-                                blocks: RouterBlocks::new(t, e, d),
-                                saved: &saved,
-                                grads,
-                                grad_weights: extra,
-                                shape: &s,
-                                slot_row: &plan.slot_row,
-                                k,
-                                dx: &mut dx,
-                            };
-                            routed_experts_backward_rows(
-                                &s,
-                                &grad,
-                                a,
-                                target,
-                                &weights,
-                                view,
-                                b.0,
-                                b.1,
-                                &mut gxs,
-                                WeightGrads::After(&mut router),
-                                &mut dw1,
-                                &mut dw2,
-                            )
-                            .unwrap();
-                            router.blocks.finish(&mut dwr).unwrap();
-                        } else {
-                            routed_experts_backward_rows(
-                                &s,
-                                &grad,
-                                a,
-                                target,
-                                &weights,
-                                view,
-                                b.0,
-                                b.1,
-                                &mut gxs,
-                                WeightGrads::Into(&mut dw),
-                                &mut dw1,
-                                &mut dw2,
-                            )
-                            .unwrap();
-                            if let Some(extra) = extra {
-                                dw.iter_mut().zip(extra).for_each(|(v, u)| *v += u);
-                            }
-                            let fill = |first: usize, rows: &mut [f64]| {
-                                sum_rows_of_tokens(&s, &gxs, &plan.slot_row, k, first, rows)
-                            };
-                            let g = RouterGrads {
-                                weights: SlotGrads::Given(&dw),
-                                ..grads
-                            };
-                            router_backward_filling(
-                                &saved,
-                                t,
-                                e,
-                                k,
-                                d,
-                                &g,
-                                Some(&fill),
-                                &mut dx,
-                                &mut dwr,
-                            )
-                            .unwrap();
+                        let mut router = fused.then(|| RouterAfterExperts {
+                            blocks: RouterBlocks::new(t, e, d),
+                            saved: &saved,
+                            grads,
+                            grad_weights: extra,
+                            shape: &s,
+                            slot_row: &plan.slot_row,
+                            k,
+                            dx: &mut dx,
+                        });
+                        let into = match router.as_mut() {
+                            Some(router) => WeightGrads::After(router),
+                            None => WeightGrads::Into(&mut dw),
+                        };
+                        routed_experts_backward_rows(
+                            &s,
+                            &grad,
+                            (&xs, &h),
+                            target,
+                            &weights,
+                            view,
+                            &w1,
+                            &w2,
+                            &mut gxs,
+                            into,
+                            &mut dw1,
+                            &mut dw2,
+                        )
+                        .unwrap();
+                        if let Some(router) = router {
+                            return router.blocks.finish(&mut dwr).unwrap();
                         }
+                        if let Some(extra) = extra {
+                            dw.iter_mut().zip(extra).for_each(|(v, u)| *v += u);
+                        }
+                        let fill = |first: usize, rows: &mut [f64]| {
+                            sum_rows_of_tokens(&s, &gxs, &plan.slot_row, k, first, rows)
+                        };
+                        let g = RouterGrads {
+                            weights: SlotGrads::Given(&dw),
+                            ..grads
+                        };
+                        let (fill, dx) = (Some(&fill as FillRows<f64>), &mut dx);
+                        router_backward_filling(&saved, t, e, k, d, &g, fill, dx, &mut dwr)
+                            .unwrap();
                     });
                     (dx, dwr, dw1, dw2)
                 };
