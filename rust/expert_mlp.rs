@@ -16,7 +16,7 @@
 use crate::dispatch::CombineRows;
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
-use crate::omp_team::{run_tasks, try_for_each_part, Task};
+use crate::omp_team::{run_parts_then, try_for_each_part, IndexTask};
 use crate::real::Real;
 use crate::threads::team_size;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -821,9 +821,15 @@ impl<T: MlpReal> CombineGrad<'_, T> {
 /// in the same region: one fork/join fewer than a region of their own, and small tasks fill the
 /// region's tail.
 pub trait AfterRows<T> {
-    /// The tasks, given `grad_xs` and the dot products (None when the output gradient was
-    /// given); called once, on the calling thread, between the two phases.
-    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dots: Option<&'b [T]>) -> KResult<Vec<Task<'b>>>;
+    /// Makes the tasks for `grad_xs` and the dot products (None when the output gradient was
+    /// given) and calls `run(n, task)` once: `task(i)` runs each `i < n` once, on any thread.
+    /// Called on the calling thread between the two phases.
+    fn run_with(
+        &mut self,
+        grad_xs: &[T],
+        dots: Option<&[T]>,
+        run: &mut dyn FnMut(usize, IndexTask<'_>) -> KResult<()>,
+    ) -> KResult<()>;
 }
 
 /// [`expert_mlp_backward`] whose output gradient comes from `grad` ([`GradRows`]), with `after`'s
@@ -865,29 +871,27 @@ pub fn expert_mlp_backward_from<T: MlpReal>(
     )
 }
 
-/// Phase 2 of a wave of the expert backward, as tasks: per block of output rows of each expert's
-/// weight gradients, `dW1_e = dh_e^T xs_e` and `dW2_e = grad_e^T a_e` (a sum over the expert's
-/// rows, in row order); `a` and `dh` hold the wave's rows. Blocks of equal output size (dW1 rows
-/// hold d entries, dW2 rows F), about three per thread, so the tasks balance; each still spans at
-/// least 16 rows. Largest first (a block's cost grows with its expert's rows), so the tail
+/// A block of output rows of one expert's weight gradient: `(expert, of dW1 (else dW2), first
+/// row, the rows)`.
+type GradBlock<'b, T> = (usize, bool, usize, &'b mut [T]);
+
+/// Phase 2 of a wave of the expert backward, cut into blocks of output rows of each expert's
+/// weight gradients ([`weight_grad_block`] computes one). Blocks of equal output size (dW1 rows
+/// hold d entries, dW2 rows F), about three per thread, so the tasks balance; each still spans
+/// at least 16 rows. Largest first (a block's cost grows with its expert's rows), so the tail
 /// balances.
-#[allow(clippy::too_many_arguments)]
-fn weight_grad_tasks<'b, T: MlpReal>(
-    s: &'b MlpShape,
+fn weight_grad_blocks<'b, T: MlpReal>(
+    s: &MlpShape,
     (e_lo, e_hi): (usize, usize),
-    ranges: &'b [(usize, usize)],
+    ranges: &[(usize, usize)],
     (dw1_wave, dw2_wave): (&'b mut [T], &'b mut [T]),
-    (a_all, dh_all): (&'b [T], &'b [T]),
-    xs: &'b [T],
-    grad: &'b [T],
     threads: usize,
-) -> Vec<Task<'b>> {
+) -> Vec<GradBlock<'b, T>> {
     let (d, f, h1) = (s.d, s.f, s.h1());
-    let row0 = ranges.get(e_lo).map_or(0, |r| r.0);
     let target = ((h1 + f) * d * (e_hi - e_lo)).div_ceil(3 * threads).max(1);
     let rows = |width: usize, limit: usize| target.div_ceil(width.max(1)).max(16).min(limit).max(1);
     let (block1, block2) = (rows(d, h1), rows(f, d));
-    let mut blocks: Vec<(usize, bool, usize, &mut [T])> = Vec::new(); // (expert, is_w1, first row, rows)
+    let mut blocks = Vec::new();
     for (el, (g1, g2)) in dw1_wave
         .chunks_mut(h1 * d)
         .zip(dw2_wave.chunks_mut(d * f))
@@ -903,36 +907,45 @@ fn weight_grad_tasks<'b, T: MlpReal>(
     blocks.sort_by_key(|&(e, _, _, ref out)| {
         std::cmp::Reverse((ranges[e].1 - ranges[e].0) * out.len())
     });
-    let task = move |(e, is_w1, i0, out): (usize, bool, usize, &'b mut [T])| -> Task<'b> {
-        Box::new(move || {
-            let (lo, hi) = ranges[e];
-            let n = hi - lo;
-            if n == 0 {
-                out.fill(T::ZERO); // an expert without rows has zero gradient
-                return Ok(());
-            }
-            let (llo, lhi) = (lo - row0, hi - row0); // rows within the wave's scratch
-                                                     // dW1 block = dh[:, i0..]^T @ xs, dW2 block = grad[:, i0..]^T @ a (rows of the expert).
-            let (width, lhs, lhs_row, rhs) = if is_w1 {
-                (d, &dh_all[llo * h1 + i0..lhi * h1], h1, &xs[lo * d..hi * d])
-            } else {
-                (f, &grad[lo * d + i0..hi * d], d, &a_all[llo * f..lhi * f])
-            };
-            matmul(
-                out.len() / width,
-                width,
-                n,
-                out,
-                width,
-                lhs,
-                Strides::transposed(lhs_row),
-                rhs,
-                Strides::row_major(width),
-            );
-            Ok(())
-        })
+    blocks
+}
+
+/// One block of [`weight_grad_blocks`]: `dW1_e = dh_e^T xs_e` or `dW2_e = grad_e^T a_e` (a sum
+/// over the expert's rows, in row order); `a` and `dh` hold the wave's rows, from `row0`.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_block<T: MlpReal>(
+    s: &MlpShape,
+    (e, is_w1, i0, out): GradBlock<'_, T>,
+    ranges: &[(usize, usize)],
+    row0: usize,
+    (a_all, dh_all): (&[T], &[T]),
+    xs: &[T],
+    grad: &[T],
+) {
+    let (d, f, h1) = (s.d, s.f, s.h1());
+    let (lo, hi) = ranges[e];
+    let n = hi - lo;
+    if n == 0 {
+        out.fill(T::ZERO); // an expert without rows has zero gradient
+        return;
+    }
+    let (llo, lhi) = (lo - row0, hi - row0); // rows within the wave's scratch
+    let (width, lhs, lhs_row, rhs) = if is_w1 {
+        (d, &dh_all[llo * h1 + i0..lhi * h1], h1, &xs[lo * d..hi * d])
+    } else {
+        (f, &grad[lo * d + i0..hi * d], d, &a_all[llo * f..lhi * f])
     };
-    blocks.into_iter().map(task).collect()
+    matmul(
+        out.len() / width,
+        width,
+        n,
+        out,
+        width,
+        lhs,
+        Strides::transposed(lhs_row),
+        rhs,
+        Strides::row_major(width),
+    );
 }
 
 /// [`expert_mlp_backward`] with waves of at most `budget_rows` rows (an expert with more rows
@@ -1117,30 +1130,35 @@ fn backward_in_waves<T: MlpReal>(
             Some(c) => c.gys,
             None => given,
         };
-        let mut tasks = weight_grad_tasks(
-            s,
-            (e_lo, e_hi),
-            &ranges,
-            (dw1_wave, dw2_wave),
-            (&a_all[..], &dh_all[..]),
-            xs,
-            grad,
-            threads,
-        );
+        let blocks = weight_grad_blocks(s, (e_lo, e_hi), &ranges, (dw1_wave, dw2_wave), threads);
+        let (ranges, scratch) = (&ranges[..], (&a_all[..], &dh_all[..]));
+        let block = |b| {
+            weight_grad_block(s, b, ranges, row0, scratch, xs, grad);
+            Ok(())
+        };
         // After the last wave's phase 1 every row of `dxs` (and of the dot products) exists:
         // `after`'s tasks join this region, after the weight gradients' blocks.
-        if wave + 1 == waves.len() {
-            if let Some(after) = after.take() {
+        match after.take() {
+            Some(after) if wave + 1 == waves.len() => {
                 let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
-                tasks.extend(after.tasks(&*dxs, dots)?);
+                let mut blocks = Some(blocks);
+                after.run_with(&*dxs, dots, &mut |n, task| {
+                    let blocks = blocks.take().unwrap_or_default();
+                    run_parts_then(threads, blocks, block, n, task)
+                })?;
+            }
+            rest => {
+                after = rest;
+                run_parts_then(threads, blocks, block, 0, &|_| Ok(()))?;
             }
         }
-        run_tasks(threads, tasks)?;
     }
     if let Some(after) = after {
         // No wave (no experts): the tasks run alone.
         let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
-        run_tasks(threads, after.tasks(&*dxs, dots)?)?;
+        after.run_with(&*dxs, dots, &mut |n, task| {
+            run_parts_then(threads, Vec::<()>::new(), |_| Ok(()), n, task)
+        })?;
     }
     T::give_back(scratch);
     Ok(())
@@ -1336,17 +1354,18 @@ mod tests {
     struct Snapshot(std::sync::Mutex<Option<Seen>>);
 
     impl AfterRows<f64> for Snapshot {
-        fn tasks<'b>(
-            &'b mut self,
-            grad_xs: &'b [f64],
-            dots: Option<&'b [f64]>,
-        ) -> KResult<Vec<Task<'b>>> {
+        fn run_with(
+            &mut self,
+            grad_xs: &[f64],
+            dots: Option<&[f64]>,
+            run: &mut dyn FnMut(usize, IndexTask<'_>) -> KResult<()>,
+        ) -> KResult<()> {
             let seen = &self.0;
-            Ok(vec![Box::new(move || {
+            run(1, &|_| {
                 let copy = (grad_xs.to_vec(), dots.map(<[f64]>::to_vec));
                 assert!(seen.lock().unwrap().replace(copy).is_none(), "one call");
                 Ok(())
-            })])
+            })
         }
     }
 

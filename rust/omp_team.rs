@@ -213,13 +213,53 @@ pub fn for_each_part<P: Send>(threads: usize, parts: Vec<P>, f: impl Fn(usize, P
     for_each_task(threads, n, &|i| f(i, parts.take(i)));
 }
 
-/// A task of a region that mixes kinds of work (each kind builds its own tasks; the region runs
-/// them all, see [`run_tasks`]).
-pub type Task<'b> = Box<dyn FnOnce() -> crate::error::KResult<()> + Send + 'b>;
+/// A task of a region run by index, fallible (see [`run_parts_then`]).
+pub type IndexTask<'f> = &'f (dyn Fn(usize) -> crate::error::KResult<()> + Sync);
 
-/// Runs boxed tasks in one region (see [`try_for_each_part`]); returns the first error.
-pub fn run_tasks(threads: usize, tasks: Vec<Task<'_>>) -> crate::error::KResult<()> {
-    try_for_each_part(threads, tasks, |_, task| task())
+/// Runs `f(part)` for each of `parts`, then `then(i)` for each `i < n_then`, in one region
+/// (tasks claimed in that order, see [`for_each_task`]): two kinds of work behind one fork/join,
+/// the second filling the first's tail. Returns the first error any task reported. (Tasks are
+/// not boxed: a box made here and freed on a worker thread costs the allocator far more than
+/// its size on the next call.)
+pub fn run_parts_then<P: Send>(
+    threads: usize,
+    parts: Vec<P>,
+    f: impl Fn(P) -> crate::error::KResult<()> + Sync,
+    n_then: usize,
+    then: IndexTask<'_>,
+) -> crate::error::KResult<()> {
+    let n = parts.len();
+    let parts = TaskParts::new(parts);
+    let first_err = std::sync::Mutex::new(None);
+    for_each_task(threads, n + n_then, &|i| {
+        let done = if i < n { f(parts.take(i)) } else { then(i - n) };
+        if let Err(e) = done {
+            first_err
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
+        }
+    });
+    first_err
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .map_or(Ok(()), Err)
+}
+
+/// Parts handed out once each by index, for a caller that hands `take` to a region of another
+/// function's making (see [`run_parts_then`]).
+pub struct Parts<P>(TaskParts<P>);
+
+impl<P> Parts<P> {
+    /// Wraps `parts`.
+    pub fn new(parts: Vec<P>) -> Self {
+        Self(TaskParts::new(parts))
+    }
+
+    /// Takes part `i`; each part can be taken once (a second take panics).
+    pub fn take(&self, i: usize) -> P {
+        self.0.take(i)
+    }
 }
 
 /// Like [`for_each_part`] for fallible tasks: returns the first error any task reported.

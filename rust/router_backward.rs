@@ -18,12 +18,12 @@ use crate::error::{check_len, value_err, KResult};
 use crate::expert_mlp::{matmul, MlpReal, Strides};
 use crate::expert_mlp::{AfterRows, MlpShape};
 use crate::isa::with_best_isa;
-use crate::omp_team::{run_tasks, Task};
+use crate::omp_team::{run_parts_then, IndexTask, Parts};
 use crate::route_weights::route_weights_backward;
 use crate::routed_experts::sum_rows_of_tokens;
 use crate::router_forward::router_blocks;
 use crate::softmax::softmax_backward_rows;
-use crate::threads::{full_team, split, split_mut, with_team};
+use crate::threads::{full_team, split_mut, with_team};
 
 /// The gradient of a router's weights `[T, K]`.
 #[derive(Clone, Copy)]
@@ -111,7 +111,9 @@ pub fn router_backward_filling<'a, T: MlpReal>(
     check_len("dweight", dweight.len(), e * d)?;
     let mut blocks = RouterBlocks::new(t, e, d);
     let team = blocks.team;
-    run_tasks(team, blocks.tasks(s, k, *g, fill, dx)?)?;
+    blocks.run_with(s, k, *g, fill, dx, &mut |n, task| {
+        run_parts_then(team, Vec::<()>::new(), |_| Ok(()), n, task)
+    })?;
     blocks.finish(dweight)
 }
 
@@ -148,19 +150,21 @@ impl<T: MlpReal> RouterBlocks<T> {
         }
     }
 
-    /// The blocks' tasks (arguments checked first): each fills its rows of `dx [T, d]` with
-    /// `fill` (when given), then adds the router's gradient of `x` to them and writes its part
-    /// of `dWr`.
-    pub fn tasks<'b, F>(
-        &'b mut self,
-        s: &'b RouterSaved<'b, T>,
+    /// Checks the arguments, then calls `run(n, task)` once with the blocks' tasks: task `b`
+    /// fills block `b`'s rows of `dx [T, d]` with `fill` (when given), then adds the router's
+    /// gradient of `x` to them and writes the block's part of `dWr`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with<F>(
+        &mut self,
+        s: &RouterSaved<'_, T>,
         k: usize,
-        g: RouterGrads<'b, T>,
+        g: RouterGrads<'_, T>,
         fill: Option<F>,
-        dx: &'b mut [T],
-    ) -> KResult<Vec<Task<'b>>>
+        dx: &mut [T],
+        run: &mut dyn FnMut(usize, IndexTask<'_>) -> KResult<()>,
+    ) -> KResult<()>
     where
-        F: Fn(usize, &mut [T]) -> KResult<()> + Copy + Send + 'b,
+        F: Fn(usize, &mut [T]) -> KResult<()> + Sync,
     {
         let (t, e, d, rows, blocks) = (self.t, self.e, self.d, self.rows, self.blocks);
         check_len("x", s.x.len(), t * d)?;
@@ -190,78 +194,80 @@ impl<T: MlpReal> RouterBlocks<T> {
         let coef = g
             .balance
             .map(|(c, share)| (c * T::from_f64(e as f64 / t.max(1) as f64), share));
-        let opt = |v: Option<&'b [T]>| match v {
-            Some(v) => split(v, blocks, rows * e).into_iter().map(Some).collect(),
-            None => vec![None; blocks],
-        };
-        let parts = split_mut(dx, blocks, rows * d)
-            .into_iter()
-            .zip(split_mut(&mut self.partial, blocks, e * d))
-            .zip(split(s.x, blocks, rows * d))
-            .zip(split(s.probs, blocks, rows * e))
-            .zip(split(s.idx, blocks, rows * k))
-            .zip(opt(g.probs).into_iter().zip(opt(g.logits)));
-        let tasks = parts.enumerate().map(|(b, part)| -> Task<'b> {
-            let (((((dx, part), x), probs), idx), (gp, gl)) = part;
-            let m = rows.min(t.saturating_sub(b * rows));
-            let slots = (b * rows * k).min(t * k)..(b * rows + m) * k;
-            let weights = g.weights;
-            Box::new(move || {
-                // (a kernel called inside a task runs inline)
-                with_team(1, 0, || -> KResult<()> {
-                    if let Some(fill) = fill {
-                        fill(b * rows, &mut dx[..m * d])?;
-                    }
-                    let from_rows;
-                    let gw = match weights {
-                        SlotGrads::Given(w) => &w[slots],
-                        SlotGrads::FromRows {
-                            dots,
-                            slot_row,
-                            extra,
-                        } => {
-                            let mut gw = vec![T::ZERO; m * k];
-                            weight_grads_from_dots(dots, &slot_row[slots.clone()], &mut gw)?;
-                            if let Some(extra) = extra {
-                                for (v, &u) in gw.iter_mut().zip(&extra[slots]) {
-                                    *v += u;
-                                }
-                            }
-                            from_rows = gw;
-                            &from_rows[..]
-                        }
-                    };
-                    let mut dp = vec![T::ZERO; m * e];
-                    route_weights_backward(gw, probs, m, e, idx, k, s.renormalize, &mut dp)?;
-                    if gp.is_some() || coef.is_some() {
-                        for (r, row) in dp.chunks_exact_mut(e.max(1)).enumerate() {
-                            if let Some(gp) = gp {
-                                for (v, &u) in row.iter_mut().zip(&gp[r * e..(r + 1) * e]) {
-                                    *v += u;
-                                }
-                            }
-                            if let Some((c, share)) = coef {
-                                for (v, &f) in row.iter_mut().zip(share) {
-                                    *v += c * f;
-                                }
+        // Each block's rows of dx and its part of dWr, taken by its task.
+        let parts = Parts::new(
+            split_mut(dx, blocks, rows * d)
+                .into_iter()
+                .zip(split_mut(&mut self.partial, blocks, e * d))
+                .collect(),
+        );
+        let block = |b: usize| -> KResult<()> {
+            let (dx, part) = parts.take(b);
+            let (first, m) = (b * rows, rows.min(t.saturating_sub(b * rows)));
+            let (lo, hi) = (first.min(t), first.min(t) + m);
+            let (x, probs, idx) = (
+                &s.x[lo * d..hi * d],
+                &s.probs[lo * e..hi * e],
+                &s.idx[lo * k..hi * k],
+            );
+            // (a kernel called inside a task runs inline)
+            with_team(1, 0, || -> KResult<()> {
+                if let Some(fill) = &fill {
+                    fill(first, &mut dx[..m * d])?;
+                }
+                let from_rows;
+                let gw = match g.weights {
+                    SlotGrads::Given(w) => &w[lo * k..hi * k],
+                    SlotGrads::FromRows {
+                        dots,
+                        slot_row,
+                        extra,
+                    } => {
+                        let mut gw = vec![T::ZERO; m * k];
+                        weight_grads_from_dots(dots, &slot_row[lo * k..hi * k], &mut gw)?;
+                        if let Some(extra) = extra {
+                            for (v, &u) in gw.iter_mut().zip(&extra[lo * k..hi * k]) {
+                                *v += u;
                             }
                         }
+                        from_rows = gw;
+                        &from_rows[..]
                     }
-                    let mut dl = vec![T::ZERO; m * e];
-                    softmax_backward_rows(&dp, probs, m, e, &mut dl)?;
-                    let inv_t = T::ONE / s.temperature;
-                    if gl.is_some() || s.temperature != T::ONE {
-                        for (i, v) in dl.iter_mut().enumerate() {
-                            let extra = gl.map_or(T::ZERO, |gl| gl[i]);
-                            *v = (*v + extra) * inv_t;
+                };
+                let mut dp = vec![T::ZERO; m * e];
+                route_weights_backward(gw, probs, m, e, idx, k, s.renormalize, &mut dp)?;
+                let (gp, gl) = (
+                    g.probs.map(|v| &v[lo * e..hi * e]),
+                    g.logits.map(|v| &v[lo * e..hi * e]),
+                );
+                if gp.is_some() || coef.is_some() {
+                    for (r, row) in dp.chunks_exact_mut(e.max(1)).enumerate() {
+                        if let Some(gp) = gp {
+                            for (v, &u) in row.iter_mut().zip(&gp[r * e..(r + 1) * e]) {
+                                *v += u;
+                            }
+                        }
+                        if let Some((c, share)) = coef {
+                            for (v, &f) in row.iter_mut().zip(share) {
+                                *v += c * f;
+                            }
                         }
                     }
-                    linear_backward_rows(&dl, x, s.weight, m, e, d, dx, part);
-                    Ok(())
-                })
+                }
+                let mut dl = vec![T::ZERO; m * e];
+                softmax_backward_rows(&dp, probs, m, e, &mut dl)?;
+                let inv_t = T::ONE / s.temperature;
+                if gl.is_some() || s.temperature != T::ONE {
+                    for (i, v) in dl.iter_mut().enumerate() {
+                        let extra = gl.map_or(T::ZERO, |gl| gl[i]);
+                        *v = (*v + extra) * inv_t;
+                    }
+                }
+                linear_backward_rows(&dl, x, s.weight, m, e, d, dx, part);
+                Ok(())
             })
-        });
-        Ok(tasks.collect())
+        };
+        run(blocks, &block)
     }
 
     /// `dweight [E, d]` = the blocks' parts summed in block order (after their tasks ran).
@@ -303,7 +309,12 @@ pub struct RouterAfterExperts<'x, T> {
 }
 
 impl<T: MlpReal> AfterRows<T> for RouterAfterExperts<'_, T> {
-    fn tasks<'b>(&'b mut self, grad_xs: &'b [T], dots: Option<&'b [T]>) -> KResult<Vec<Task<'b>>> {
+    fn run_with(
+        &mut self,
+        grad_xs: &[T],
+        dots: Option<&[T]>,
+        run: &mut dyn FnMut(usize, IndexTask<'_>) -> KResult<()>,
+    ) -> KResult<()> {
         let Some(dots) = dots else {
             return value_err("the router's backward needs the combine's dot products");
         };
@@ -316,11 +327,12 @@ impl<T: MlpReal> AfterRows<T> for RouterAfterExperts<'_, T> {
             ..self.grads
         };
         let (shape, slot_row, k) = (self.shape, self.slot_row, self.k);
-        let fill = move |first: usize, rows: &mut [T]| {
+        let fill = |first: usize, rows: &mut [T]| {
             sum_rows_of_tokens(shape, grad_xs, slot_row, k, first, rows)
         };
+        let saved = self.saved;
         self.blocks
-            .tasks(self.saved, k, grads, Some(fill), &mut *self.dx)
+            .run_with(saved, k, grads, Some(fill), &mut *self.dx, run)
     }
 }
 
