@@ -1079,8 +1079,9 @@ macro_rules! moe_layer_kernels {
 
         /// The one-node layer's backward in one call, from `grad [T, d]` (the gradient of `y`),
         /// what the forward saved and kept, and the gradients of the router outputs used
-        /// outside the layer: the routed experts' backward, then (with `router`) the router's
-        /// whole backward from the routing weights' gradient just computed. With
+        /// outside the layer: the routed experts' backward and (with `router`) the router's
+        /// whole backward, whose blocks run in the experts' weight-gradient region, each making
+        /// its slots' weight gradient from the combine's dot products. With
         /// `overwrite_ys` the expert outputs' gradient is written over `ys`. Returns `(dx,
         /// d_router_weight or None, dw1, dw2)`.
         #[pyfunction]

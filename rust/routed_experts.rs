@@ -143,7 +143,8 @@ pub fn routed_experts_backward_rows<T: MlpReal>(
         check_len("dweights", dweights.len(), slots)?;
     }
     // The combine's backward runs inside the expert backward's row tiles, each tile its own
-    // rows (one parallel region fewer); the dot products become the weights' gradient after.
+    // rows (one parallel region fewer); the dot products become the weights' gradient after
+    // (or in the after-work's tasks: `WeightGrads::After`).
     let (ys, gys) = match grad_ys {
         GradYs::Scratch { ys, grad_ys } => (Some(ys), grad_ys),
         GradYs::OverYs(ys) => (None, ys),
