@@ -1138,7 +1138,7 @@ fn backward_in_waves<T: MlpReal>(
         };
         // After the last wave's phase 1 every row of `dxs` (and of the dot products) exists:
         // `after`'s tasks join this region, after the weight gradients' blocks.
-        match after.take() {
+        match after.as_deref_mut() {
             Some(after) if wave + 1 == waves.len() => {
                 let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
                 let mut blocks = Some(blocks);
@@ -1146,14 +1146,15 @@ fn backward_in_waves<T: MlpReal>(
                     let blocks = blocks.take().unwrap_or_default();
                     run_parts_then(threads, blocks, block, n, task)
                 })?;
+                if let Some(blocks) = blocks {
+                    // (`after` did not run its tasks: the weight gradients still must)
+                    run_parts_then(threads, blocks, block, 0, &|_| Ok(()))?;
+                }
             }
-            rest => {
-                after = rest;
-                run_parts_then(threads, blocks, block, 0, &|_| Ok(()))?;
-            }
+            _ => run_parts_then(threads, blocks, block, 0, &|_| Ok(()))?,
         }
     }
-    if let Some(after) = after {
+    if let (Some(after), true) = (after, waves.is_empty()) {
         // No wave (no experts): the tasks run alone.
         let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
         after.run_with(&*dxs, dots, &mut |n, task| {

@@ -218,9 +218,9 @@ pub type IndexTask<'f> = &'f (dyn Fn(usize) -> crate::error::KResult<()> + Sync)
 
 /// Runs `f(part)` for each of `parts`, then `then(i)` for each `i < n_then`, in one region
 /// (tasks claimed in that order, see [`for_each_task`]): two kinds of work behind one fork/join,
-/// the second filling the first's tail. Returns the first error any task reported. (Tasks are
-/// not boxed: a box made here and freed on a worker thread costs the allocator far more than
-/// its size on the next call.)
+/// the second filling the first's tail. Returns the first error any task reported. (Nothing is
+/// boxed per task: with boxed tasks, made on the calling thread and freed on the workers, the
+/// serial time before such a region measured 26-39 us on the lent 16-core VM, 9 us without.)
 pub fn run_parts_then<P: Send>(
     threads: usize,
     parts: Vec<P>,

@@ -15,8 +15,7 @@
 
 use crate::dispatch::weight_grads_from_dots;
 use crate::error::{check_len, value_err, KResult};
-use crate::expert_mlp::{matmul, MlpReal, Strides};
-use crate::expert_mlp::{AfterRows, MlpShape};
+use crate::expert_mlp::{matmul, AfterRows, MlpReal, MlpShape, Strides};
 use crate::isa::with_best_isa;
 use crate::omp_team::{run_parts_then, IndexTask, Parts};
 use crate::route_weights::route_weights_backward;
