@@ -229,21 +229,15 @@ pub fn run_parts_then<P: Send>(
     then: IndexTask<'_>,
 ) -> crate::error::KResult<()> {
     let n = parts.len();
-    let parts = TaskParts::new(parts);
-    let first_err = std::sync::Mutex::new(None);
-    for_each_task(threads, n + n_then, &|i| {
-        let done = if i < n { f(parts.take(i)) } else { then(i - n) };
-        if let Err(e) = done {
-            first_err
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(e);
-        }
-    });
-    first_err
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-        .map_or(Ok(()), Err)
+    let parts: Vec<Option<P>> = parts
+        .into_iter()
+        .map(Some)
+        .chain((0..n_then).map(|_| None))
+        .collect();
+    try_for_each_part(threads, parts, |i, part| match part {
+        Some(part) => f(part),
+        None => then(i - n),
+    })
 }
 
 /// Parts handed out once each by index, for a caller that hands `take` to a region of another
@@ -297,5 +291,29 @@ mod tests {
         }
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 2));
         for_each_task(4, 0, &|_| unreachable!());
+    }
+
+    #[test]
+    fn parts_then_indices_each_run_once_and_errors_come_back() {
+        let hits: Vec<AtomicUsize> = (0..50).map(|_| AtomicUsize::new(0)).collect();
+        for threads in [1, 3] {
+            let parts: Vec<usize> = (0..20).collect();
+            let run_part = |p: usize| {
+                hits[p].fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            };
+            run_parts_then(threads, parts, run_part, 30, &|i| {
+                hits[20 + i].fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 2));
+        let fails = |i: usize| match i {
+            7 => crate::error::value_err("seven"),
+            _ => Ok(()),
+        };
+        let err = run_parts_then(3, vec![1, 2], |_| Ok(()), 10, &fails).unwrap_err();
+        assert!(err.to_string().contains("seven"), "{err}");
     }
 }
