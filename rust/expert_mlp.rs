@@ -16,7 +16,7 @@
 use crate::dispatch::CombineRows;
 use crate::error::{check_len, value_err, KResult};
 use crate::isa::with_best_isa;
-use crate::omp_team::{run_parts_then, try_for_each_part, IndexTask};
+use crate::omp_team::{run_parts_then, try_for_each_index, try_for_each_part, IndexTask};
 use crate::real::Real;
 use crate::threads::team_size;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1138,27 +1138,24 @@ fn backward_in_waves<T: MlpReal>(
         };
         // After the last wave's phase 1 every row of `dxs` (and of the dot products) exists:
         // `after`'s tasks join this region, after the weight gradients' blocks.
-        match after.as_deref_mut() {
-            Some(after) if wave + 1 == waves.len() => {
-                let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
-                let mut blocks = Some(blocks);
-                after.run_with(&*dxs, dots, &mut |n, task| {
-                    let blocks = blocks.take().unwrap_or_default();
-                    run_parts_then(threads, blocks, block, n, task)
-                })?;
-                if let Some(blocks) = blocks {
-                    // (`after` did not run its tasks: the weight gradients still must)
-                    run_parts_then(threads, blocks, block, 0, &|_| Ok(()))?;
-                }
-            }
-            _ => run_parts_then(threads, blocks, block, 0, &|_| Ok(()))?,
+        let mut blocks = Some(blocks);
+        if let Some(after) = after.as_deref_mut().filter(|_| wave + 1 == waves.len()) {
+            let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
+            after.run_with(&*dxs, dots, &mut |n, task| {
+                let blocks = blocks.take().unwrap_or_default();
+                run_parts_then(threads, blocks, block, n, task)
+            })?;
+        }
+        if let Some(blocks) = blocks {
+            // No after-work in this wave (or it ran no tasks): the weight gradients alone.
+            run_parts_then(threads, blocks, block, 0, &|_| Ok(()))?;
         }
     }
     if let (Some(after), true) = (after, waves.is_empty()) {
         // No wave (no experts): the tasks run alone.
         let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
         after.run_with(&*dxs, dots, &mut |n, task| {
-            run_parts_then(threads, Vec::<()>::new(), |_| Ok(()), n, task)
+            try_for_each_index(threads, n, task)
         })?;
     }
     T::give_back(scratch);

@@ -183,11 +183,14 @@ pub fn for_each_task(threads: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
 }
 
 /// Per-task mutable parts handed out once each: a task takes its own part by index, so tasks
-/// share `&TaskParts` while each still gets exclusive (`&mut`) access to its own buffers.
-struct TaskParts<P>(Vec<std::sync::Mutex<Option<P>>>);
+/// share `&TaskParts` while each still gets exclusive (`&mut`) access to its own buffers (also
+/// for a caller whose tasks run in a region of another function's making, see
+/// [`run_parts_then`]).
+pub struct TaskParts<P>(Vec<std::sync::Mutex<Option<P>>>);
 
 impl<P> TaskParts<P> {
-    fn new(parts: impl IntoIterator<Item = P>) -> Self {
+    /// Wraps `parts`.
+    pub fn new(parts: impl IntoIterator<Item = P>) -> Self {
         Self(
             parts
                 .into_iter()
@@ -197,7 +200,7 @@ impl<P> TaskParts<P> {
     }
 
     /// Takes part `i`; each part can be taken once.
-    fn take(&self, i: usize) -> P {
+    pub fn take(&self, i: usize) -> P {
         self.0[i]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -240,20 +243,14 @@ pub fn run_parts_then<P: Send>(
     })
 }
 
-/// Parts handed out once each by index, for a caller that hands `take` to a region of another
-/// function's making (see [`run_parts_then`]).
-pub struct Parts<P>(TaskParts<P>);
-
-impl<P> Parts<P> {
-    /// Wraps `parts`.
-    pub fn new(parts: Vec<P>) -> Self {
-        Self(TaskParts::new(parts))
-    }
-
-    /// Takes part `i`; each part can be taken once (a second take panics).
-    pub fn take(&self, i: usize) -> P {
-        self.0.take(i)
-    }
+/// Runs `task(i)` for each `i < n` in one region (see [`for_each_task`]); returns the first error
+/// any task reported.
+pub fn try_for_each_index(
+    threads: usize,
+    n: usize,
+    task: IndexTask<'_>,
+) -> crate::error::KResult<()> {
+    run_parts_then(threads, Vec::<()>::new(), |_| Ok(()), n, task)
 }
 
 /// Like [`for_each_part`] for fallible tasks: returns the first error any task reported.

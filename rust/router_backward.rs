@@ -17,7 +17,7 @@ use crate::dispatch::weight_grads_from_dots;
 use crate::error::{check_len, value_err, KResult};
 use crate::expert_mlp::{matmul, AfterRows, MlpReal, MlpShape, Strides};
 use crate::isa::with_best_isa;
-use crate::omp_team::{run_parts_then, IndexTask, Parts};
+use crate::omp_team::{try_for_each_index, IndexTask, TaskParts};
 use crate::route_weights::route_weights_backward;
 use crate::routed_experts::sum_rows_of_tokens;
 use crate::router_forward::router_blocks;
@@ -111,7 +111,7 @@ pub fn router_backward_filling<'a, T: MlpReal>(
     let mut blocks = RouterBlocks::new(t, e, d);
     let team = blocks.team;
     blocks.run_with(s, k, *g, fill, dx, &mut |n, task| {
-        run_parts_then(team, Vec::<()>::new(), |_| Ok(()), n, task)
+        try_for_each_index(team, n, task)
     })?;
     blocks.finish(dweight)
 }
@@ -194,12 +194,11 @@ impl<T: MlpReal> RouterBlocks<T> {
             .balance
             .map(|(c, share)| (c * T::from_f64(e as f64 / t.max(1) as f64), share));
         // Each block's rows of dx and its part of dWr, taken by its task.
-        let parts = Parts::new(
-            split_mut(dx, blocks, rows * d)
-                .into_iter()
-                .zip(split_mut(&mut self.partial, blocks, e * d))
-                .collect(),
-        );
+        let parts = TaskParts::new(split_mut(dx, blocks, rows * d).into_iter().zip(split_mut(
+            &mut self.partial,
+            blocks,
+            e * d,
+        )));
         let block = |b: usize| -> KResult<()> {
             let (dx, part) = parts.take(b);
             let (first, m) = (b * rows, rows.min(t.saturating_sub(b * rows)));
