@@ -10,14 +10,19 @@ Variants per config (d/ff/E/k/T of SPEC section 6), all timed in one run at the 
 * ``hf-eager`` / ``hf-grouped_mm`` / ``hf-moerust``: transformers' ``MixtralSparseMoeBlock`` with
   its experts run by "eager", "grouped_mm" or moerust's experts implementation.
 
+``test_moe_interleaved`` times the variants of the issue's ratio targets (the bound, the top-2
+and top-p layers, the two HF paths) round-robin in one test, so that a shared machine's drift
+between variants measured one after another does not land in their ratios.
+
 Run ``pytest benches/test_bench_moe.py --benchmark-only --benchmark-json out.json`` and
 ``python benches/summarize_moe.py out.json``.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -29,6 +34,8 @@ from .conftest import THREADS
 
 CONFIGS = [(64, 256, 8, 2, 1024), (256, 1024, 8, 2, 2048), (512, 2048, 8, 2, 2048), (256, 512, 64, 8, 2048)]
 VARIANTS = ["bound", "moerust", "moerust-torch", "moerust-topp", "hf-eager", "hf-grouped_mm", "hf-moerust"]
+# The variants of the issue's ratio targets, timed round-robin by test_moe_interleaved.
+RATIO_VARIANTS = ["bound", "moerust", "moerust-topp", "hf-eager", "hf-grouped_mm"]
 
 
 def calibrate_p(layer: MoE, x: torch.Tensor, target: float = 2.0) -> float:
@@ -118,13 +125,52 @@ def test_moe_layer(benchmark: Any, variant: str, d: int, ff: int, e: int, k: int
     step()  # a variant's first call sets things up (caches, pooled buffers): never timed
     start = time.perf_counter()
     step()
-    # Steps of a few milliseconds get about 0.3 s of warm-up and of timed rounds each: ten rounds
-    # right after a variant's first call measured a process still settling (on the lent VM the
-    # d=64 layer's first variant, timed that way, ran 1.3-1.6x its time in an interleaved loop,
-    # benches.interleave_moe). Every variant gets the same policy; large steps keep 5-10 rounds.
-    fill = int(0.3 / max(time.perf_counter() - start, 1e-6))
-    rounds = max(5 if d * ff * t > 256 * 1024 * 2048 else 10, min(200, fill))
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=max(2, min(200, fill)), iterations=1)
+    # Steps of a few milliseconds get about 0.3 s of warm-up and 1 s of timed rounds each: ten
+    # rounds right after a variant's first call measured a process still settling (on the lent VM
+    # the d=64 layer's first variant, timed that way, ran 1.3-1.6x its time in an interleaved
+    # loop, benches.interleave_moe), and the median of 5 rounds of a 70 ms step moved by 10 %
+    # between runs. Every variant gets the same policy; the slowest steps keep 5-10 rounds.
+    step_s = max(time.perf_counter() - start, 1e-6)
+    rounds = max(5 if d * ff * t > 256 * 1024 * 2048 else 10, min(200, int(1.0 / step_s)))
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=max(2, min(200, int(0.3 / step_s))), iterations=1)
     benchmark.extra_info.update(variant=variant, threads=THREADS, **info)
     if variant == "moerust-topp":
         assert abs(info["experts_per_token"] - 2.0) < 0.1, info
+
+
+@pytest.mark.parametrize("d,ff,e,k,t", CONFIGS)
+def test_moe_interleaved(benchmark: Any, d: int, ff: int, e: int, k: int, t: int) -> None:
+    """The ratio targets' variants in one round-robin loop: each round runs every variant for a
+    chunk of about 50 ms of steps (one step when a step takes longer), so that each variant runs
+    with its own weights in cache as in the per-variant tests, while drift of the machine over
+    the test hits every variant alike. ``extra_info["ms"]``: each variant's median over the
+    rounds of its mean step in a chunk (ms); the benchmark's own statistics are of whole rounds."""
+    steps: Dict[str, Callable[[], Any]] = {}
+    chunk: Dict[str, int] = {}
+    topp: Dict[str, Any] = {}
+    for variant in RATIO_VARIANTS:
+        step, facts = build(variant, d, ff, e, k, t)
+        if variant == "moerust-topp":
+            topp = facts  # (its step keeps experts_per_token up to date)
+        step()  # (the first call sets things up: never timed)
+        start = time.perf_counter()
+        step()
+        steps[variant] = step
+        chunk[variant] = max(1, int(0.05 / max(time.perf_counter() - start, 1e-6)))
+    means: Dict[str, List[float]] = {v: [] for v in steps}
+
+    def one_round() -> None:
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(chunk[variant]):
+                step()
+            means[variant].append((time.perf_counter() - start) * 1e3 / chunk[variant])
+
+    start = time.perf_counter()
+    one_round()
+    rounds = max(5, min(50, int(3.0 / (time.perf_counter() - start))))
+    benchmark.group = f"interleaved d={d} ff={ff} E={e} k={k} T={t} threads={THREADS}"
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1, iterations=1)
+    ms = {v: statistics.median(m[-rounds:]) for v, m in means.items()}
+    benchmark.extra_info.update(ms=ms, rounds=rounds, chunk=chunk, threads=THREADS, topp=topp)
+    assert abs(topp["experts_per_token"] - 2.0) < 0.1, topp
