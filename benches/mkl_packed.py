@@ -11,7 +11,6 @@ the time of one pack. Needs a torch build that carries MKL (the x86-64 wheels).
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
 import time
@@ -19,6 +18,8 @@ from typing import Any, Callable, List
 
 import numpy as np
 import torch
+
+from moerust import _backend
 
 SHAPES = [(96, 512, 4096), (96, 2048, 512), (96, 256, 2048), (96, 1024, 256)]
 
@@ -102,7 +103,10 @@ def case(lib: Any, rows: int, d: int, h: int, threads: int, calls: int = 6) -> N
 def main(argv: List[str]) -> int:
     threads = int(argv[0]) if argv else 16
     torch.set_num_threads(1)
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    path = _backend.torch_cpu_library()
+    if path is None:
+        raise SystemExit("no libtorch_cpu next to this torch")
+    lib = ctypes.CDLL(path)
     for shape in SHAPES:
         case(lib, *shape, threads)
     return 0

@@ -59,6 +59,14 @@ if _native_module is not None:
 GEMMS = ("mkl", "crate")
 
 
+def torch_cpu_library() -> Optional[str]:
+    """Path of the ``libtorch_cpu`` shared library of the torch in use (where its MKL symbols
+    are), or None when this platform's name for it is not there."""
+    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", names.get(sys.platform, ""))
+    return path if os.path.isfile(path) else None
+
+
 @functools.lru_cache(maxsize=None)
 def _mkl_entries() -> "tuple[int, int, int]":
     """Addresses of MKL's ``sgemm_``, ``dgemm_`` and ``MKL_Set_Num_Threads_Local`` in the
@@ -69,14 +77,11 @@ def _mkl_entries() -> "tuple[int, int, int]":
     MKL, other builds fall back to the ``gemm`` crate. Looked up once per process.
     """
     none = (0, 0, 0)
-    if not torch.backends.mkl.is_available():
+    path = torch_cpu_library()
+    if not torch.backends.mkl.is_available() or path is None:
         return none
     import ctypes
 
-    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}
-    path = os.path.join(os.path.dirname(torch.__file__), "lib", names.get(sys.platform, ""))
-    if not os.path.isfile(path):
-        return none
     try:
         lib = ctypes.CDLL(path)
         fns = [getattr(lib, name, None) for name in ("sgemm_", "dgemm_", "MKL_Set_Num_Threads_Local")]
