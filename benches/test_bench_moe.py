@@ -117,20 +117,26 @@ def build(variant: str, d: int, ff: int, e: int, k: int, t: int) -> Tuple[Callab
     return step, info
 
 
+def _second_step_s(step: Callable[[], Any]) -> float:
+    """Seconds of a variant's second step: its first call sets things up (caches, pooled
+    buffers) and is never timed."""
+    step()
+    start = time.perf_counter()
+    step()
+    return max(time.perf_counter() - start, 1e-6)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("d,ff,e,k,t", CONFIGS)
 def test_moe_layer(benchmark: Any, variant: str, d: int, ff: int, e: int, k: int, t: int) -> None:
     step, info = build(variant, d, ff, e, k, t)
     benchmark.group = f"moe d={d} ff={ff} E={e} k={k} T={t} threads={THREADS}"
-    step()  # a variant's first call sets things up (caches, pooled buffers): never timed
-    start = time.perf_counter()
-    step()
+    step_s = _second_step_s(step)
     # Steps of a few milliseconds get about 0.3 s of warm-up and 1 s of timed rounds each: ten
     # rounds right after a variant's first call measured a process still settling (on the lent VM
     # the d=64 layer's first variant, timed that way, ran 1.3-1.6x its time in an interleaved
     # loop, benches.interleave_moe), and the median of 5 rounds of a 70 ms step moved by 10 %
     # between runs. Every variant gets the same policy; the slowest steps keep 5-10 rounds.
-    step_s = max(time.perf_counter() - start, 1e-6)
     rounds = max(5 if d * ff * t > 256 * 1024 * 2048 else 10, min(200, int(1.0 / step_s)))
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=max(2, min(200, int(0.3 / step_s))), iterations=1)
     benchmark.extra_info.update(variant=variant, threads=THREADS, **info)
@@ -152,11 +158,8 @@ def test_moe_interleaved(benchmark: Any, d: int, ff: int, e: int, k: int, t: int
         step, facts = build(variant, d, ff, e, k, t)
         if variant == "moerust-topp":
             topp = facts  # (its step keeps experts_per_token up to date)
-        step()  # (the first call sets things up: never timed)
-        start = time.perf_counter()
-        step()
         steps[variant] = step
-        chunk[variant] = max(1, int(0.05 / max(time.perf_counter() - start, 1e-6)))
+        chunk[variant] = max(1, int(0.05 / _second_step_s(step)))
     means: Dict[str, List[float]] = {v: [] for v in steps}
 
     def one_round() -> None:
