@@ -123,7 +123,7 @@ pub(crate) fn forward<T: MlpReal>(
     let tiles = row_tiles(ranges, TILE_ROWS);
     let mut a_buf = T::take_shared(s.r * f);
     {
-        let (hb, ab) = (Blocks::new(h, h1), Blocks::new(&mut a_buf[..], f));
+        let (hb, ab) = (Blocks::new(h, h1), Blocks::new(&mut a_buf[..s.r * f], f));
         let work = tasks(&tiles, &column_blocks(f, tiles.len(), threads));
         for_each_task(threads, work.len(), &|i| {
             let (t, c0, c1) = work[i];
@@ -164,7 +164,7 @@ pub(crate) fn forward<T: MlpReal>(
             );
         });
     }
-    let a = &a_buf[..];
+    let a = &a_buf[..s.r * f];
     let ob = Blocks::new(out, d);
     let work = tasks(&tiles, &column_blocks(d, tiles.len(), threads));
     for_each_task(threads, work.len(), &|i| {

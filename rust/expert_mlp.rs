@@ -75,15 +75,23 @@ pub trait MlpReal:
     /// The process-wide cached scratch buffer of this type.
     fn shared_slot() -> &'static std::sync::Mutex<Vec<Self>>;
 
-    /// A process-wide scratch buffer of exactly `len` elements (contents unspecified); hand it
-    /// back with [`MlpReal::give_back`]. A concurrent caller simply gets a fresh one.
+    /// A process-wide scratch buffer of at least `len` elements (contents unspecified; callers
+    /// slice off what they use); hand it back with [`MlpReal::give_back`]. A concurrent caller
+    /// simply gets a fresh one.
+    ///
+    /// Why never shrunk: calls that need different sizes share the buffer (the column layout's
+    /// forward takes `R x F`, the backward `rows x (F + H1)`), and a buffer truncated by one call
+    /// was zero-filled again, on one thread, by the next: 1.85 ms of the d = 512 step at 16
+    /// threads on the lent Xeon, outside any parallel region.
     fn take_shared(len: usize) -> Vec<Self> {
         let mut buf = std::mem::take(
             &mut *Self::shared_slot()
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
-        buf.resize(len, Self::ZERO);
+        if buf.len() < len {
+            buf.resize(len, Self::ZERO);
+        }
         buf
     }
 
@@ -520,22 +528,68 @@ fn tile_rows(total_rows: usize, threads: usize) -> usize {
 /// 1/rows of its arithmetic) and the model is wide enough that `a` making a round trip through
 /// memory costs less than that. On the lent 16-core Xeon at 16 threads the column layout took
 /// the forward of d = 512 from 33-37 to 22.5 ms and of d = 256 from 7.3-9.2 to 6.1-6.4 ms.
-/// With MKL running the products ([`crate::blas`]) the row tiles are the faster layout at any
-/// length (its packing costs less): on the same Xeon at 16 threads the d = 256 forward took 5.7 ms
-/// by rows against 6.2 by columns, the whole d = 256 layer step 17.9 against 21.0 ms.
-/// `MOERUST_EXPERT_LAYOUT=rows|columns` (read once) forces either layout, for measurements.
+/// MKL packs faster than the crate, so with MKL running the products ([`crate::blas`]) the
+/// column layout pays off only for wider models: on the same Xeon at 16 threads (layouts
+/// alternated in one process, `benches/tiling_ab.py`) the d = 512 layer step took 0.956x as long
+/// by columns as by rows, the d = 256 step 1.046x.
+/// `MOERUST_EXPERT_LAYOUT=rows|columns` (read at the first call) or [`set_expert_layout`] forces
+/// either layout, for measurements.
 pub(crate) fn by_columns(s: &MlpShape, threads: usize) -> bool {
-    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let forced = FORCED.get_or_init(|| match std::env::var("MOERUST_EXPERT_LAYOUT").as_deref() {
-        Ok("rows") => Some(false),
-        Ok("columns") => Some(true),
-        _ => None,
-    });
-    forced.unwrap_or_else(|| {
-        !crate::blas::active()
-            && tile_rows(s.r, threads) < COLUMN_LAYOUT_BELOW_ROWS
-            && s.d >= COLUMN_LAYOUT_MIN_D
-    })
+    let mut layout = LAYOUT.load(Ordering::Relaxed);
+    if layout == LAYOUT_UNREAD {
+        let from_env = match std::env::var("MOERUST_EXPERT_LAYOUT").as_deref() {
+            Ok("rows") => LAYOUT_ROWS,
+            Ok("columns") => LAYOUT_COLUMNS,
+            _ => LAYOUT_AUTO,
+        };
+        // A concurrent `set_expert_layout` wins over the environment.
+        layout = match LAYOUT.compare_exchange(
+            LAYOUT_UNREAD,
+            from_env,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => from_env,
+            Err(current) => current,
+        };
+    }
+    match layout {
+        LAYOUT_ROWS => false,
+        LAYOUT_COLUMNS => true,
+        _ => {
+            let min_d = if crate::blas::active() {
+                COLUMN_LAYOUT_MIN_D_MKL
+            } else {
+                COLUMN_LAYOUT_MIN_D
+            };
+            tile_rows(s.r, threads) < COLUMN_LAYOUT_BELOW_ROWS && s.d >= min_d
+        }
+    }
+}
+
+/// The layout rule of [`by_columns`]: one of the `LAYOUT_*` values.
+static LAYOUT: AtomicUsize = AtomicUsize::new(LAYOUT_UNREAD);
+const LAYOUT_UNREAD: usize = 0;
+const LAYOUT_AUTO: usize = 1;
+const LAYOUT_ROWS: usize = 2;
+const LAYOUT_COLUMNS: usize = 3;
+
+/// Sets the expert kernels' layout (a diagnostic, so that the layouts can be compared in one
+/// process): `"auto"` (the rule of [`by_columns`]), `"rows"` or `"columns"`. Both layouts compute
+/// the same products, so either is correct for any shape.
+pub fn set_expert_layout(layout: &str) -> KResult<()> {
+    let value = match layout {
+        "auto" => LAYOUT_AUTO,
+        "rows" => LAYOUT_ROWS,
+        "columns" => LAYOUT_COLUMNS,
+        other => {
+            return value_err(format!(
+                "layout must be 'auto', 'rows' or 'columns', got {other:?}"
+            ))
+        }
+    };
+    LAYOUT.store(value, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Row tiles shorter than this switch to the column layout (see [`by_columns`]).
@@ -543,6 +597,9 @@ const COLUMN_LAYOUT_BELOW_ROWS: usize = 256;
 
 /// Narrowest model for the column layout (see [`by_columns`]).
 const COLUMN_LAYOUT_MIN_D: usize = 128;
+
+/// Narrowest model for the column layout when MKL runs the products (see [`by_columns`]).
+const COLUMN_LAYOUT_MIN_D_MKL: usize = 512;
 
 /// Pairs each tile's part with the tile's index and orders them by decreasing rows: the team takes
 /// tasks in order, and handing out the largest first keeps the last tasks small, so threads

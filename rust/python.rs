@@ -1417,6 +1417,13 @@ fn set_tile_rows(per_thread: usize, min_rows: usize) -> PyResult<()> {
     crate::expert_mlp::set_tile_rows(per_thread, min_rows).map_err(Into::into)
 }
 
+/// Sets the expert kernels' layout: "auto" (the default rule), "rows" or "columns". A diagnostic,
+/// for measurements.
+#[pyfunction]
+fn set_expert_layout(layout: &str) -> PyResult<()> {
+    crate::expert_mlp::set_expert_layout(layout).map_err(Into::into)
+}
+
 /// Now, in nanoseconds on the region log's clock.
 #[pyfunction]
 fn region_clock_ns() -> u64 {
@@ -1516,6 +1523,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(region_log, m)?)?;
     m.add_function(wrap_pyfunction!(region_marks, m)?)?;
     m.add_function(wrap_pyfunction!(set_tile_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(set_expert_layout, m)?)?;
     m.add_function(wrap_pyfunction!(region_clock_ns, m)?)?;
     m.add_function(wrap_pyfunction!(pool_clear, m)?)?;
     Ok(())

@@ -98,3 +98,46 @@ def test_tile_rows_rule_changes_tiles_not_results() -> None:
     for bad in [(0, 64), (3, 0)]:
         with pytest.raises(ValueError, match="per_thread and min_rows"):
             _native.set_tile_rows(*bad)
+
+
+def test_expert_layout_changes_regions_not_results() -> None:
+    """``set_expert_layout`` (for measurements) runs the expert kernels by rows or by column
+    blocks on either GEMM library; the layer's output and gradients stay those of the default
+    layout (up to the products' rounding), and the column layout's forward takes one more
+    parallel region (``h`` and ``a`` by columns, then ``out``). Anything else is a ValueError."""
+    from moerust.nn import MoE, MoEConfig
+
+    from .conftest import available_gemms
+
+    torch.manual_seed(1)
+    layer = MoE(MoEConfig(dim=128, hidden=64, num_experts=4, k=2))
+    x = torch.randn(900, 128, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+
+    def step() -> "list[torch.Tensor]":
+        out = layer(x)[0]
+        grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()], allow_unused=True)
+        return [out, *(g for g in grads if g is not None)]
+
+    try:
+        with _backend.use_backend("rust"):
+            for gemm in available_gemms():
+                with _backend.use_gemm(gemm):
+                    _native.set_expert_layout("auto")
+                    want = step()
+                    regions = {}
+                    for layout in ("rows", "columns"):
+                        _native.set_expert_layout(layout)
+                        _native.region_log(True)
+                        got = step()
+                        regions[layout] = len(_native.region_log(False))
+                        for g, w in zip(got, want):
+                            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+                    if _backend._openmp_entry() != 0:  # (the region log needs the OpenMP team)
+                        assert regions["columns"] > regions["rows"], (gemm, regions)
+    finally:
+        _native.set_expert_layout("auto")
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="layout must be"):
+        _native.set_expert_layout("diagonal")

@@ -1,5 +1,5 @@
 """The expert kernels on each GEMM library: MKL and the `gemm` crate agree, and the crate's
-column layout (never used with MKL) agrees with the torch twin. Each test picks its libraries
+column layout (which MKL runs only for d >= 512) agrees with the torch twin. Each test picks its libraries
 itself, so this module runs once (tests/test_expert_mlp.py runs its tests once per library)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def test_column_layout_agrees() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        with _backend.use_gemm("crate"):  # with MKL the kernel always runs by rows
+        with _backend.use_gemm("crate"):  # with MKL d = 128 runs by rows
             _assert_backends_agree(xs, w1, w2, offsets, torch.randn(xs.shape), tol=1e-4)
             for activation in ("swiglu", "gelu"):
                 x64, a64, b64, off = _make([600, 3, 0, 700], 128, 40, activation, torch.float64, seed=6)
