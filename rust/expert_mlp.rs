@@ -535,25 +535,7 @@ fn tile_rows(total_rows: usize, threads: usize) -> usize {
 /// `MOERUST_EXPERT_LAYOUT=rows|columns` (read at the first call) or [`set_expert_layout`] forces
 /// either layout, for measurements.
 pub(crate) fn by_columns(s: &MlpShape, threads: usize) -> bool {
-    let mut layout = LAYOUT.load(Ordering::Relaxed);
-    if layout == LAYOUT_UNREAD {
-        let from_env = match std::env::var("MOERUST_EXPERT_LAYOUT").as_deref() {
-            Ok("rows") => LAYOUT_ROWS,
-            Ok("columns") => LAYOUT_COLUMNS,
-            _ => LAYOUT_AUTO,
-        };
-        // A concurrent `set_expert_layout` wins over the environment.
-        layout = match LAYOUT.compare_exchange(
-            LAYOUT_UNREAD,
-            from_env,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        ) {
-            Ok(_) => from_env,
-            Err(current) => current,
-        };
-    }
-    match layout {
+    match layout_setting() {
         LAYOUT_ROWS => false,
         LAYOUT_COLUMNS => true,
         _ => {
@@ -567,9 +549,24 @@ pub(crate) fn by_columns(s: &MlpShape, threads: usize) -> bool {
     }
 }
 
-/// The layout rule of [`by_columns`]: one of the `LAYOUT_*` values.
-static LAYOUT: AtomicUsize = AtomicUsize::new(LAYOUT_UNREAD);
-const LAYOUT_UNREAD: usize = 0;
+/// The layout in force: the last [`set_expert_layout`], else `MOERUST_EXPERT_LAYOUT` (read once).
+fn layout_setting() -> usize {
+    static FROM_ENV: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    match LAYOUT.load(Ordering::Relaxed) {
+        LAYOUT_UNSET => {
+            *FROM_ENV.get_or_init(|| match std::env::var("MOERUST_EXPERT_LAYOUT").as_deref() {
+                Ok("rows") => LAYOUT_ROWS,
+                Ok("columns") => LAYOUT_COLUMNS,
+                _ => LAYOUT_AUTO,
+            })
+        }
+        set => set,
+    }
+}
+
+/// The layout set by [`set_expert_layout`]: one of the `LAYOUT_*` values.
+static LAYOUT: AtomicUsize = AtomicUsize::new(LAYOUT_UNSET);
+const LAYOUT_UNSET: usize = 0;
 const LAYOUT_AUTO: usize = 1;
 const LAYOUT_ROWS: usize = 2;
 const LAYOUT_COLUMNS: usize = 3;

@@ -1,6 +1,7 @@
 """The expert kernels on each GEMM library: MKL and the `gemm` crate agree, and the crate's
-column layout (which MKL runs only for d >= 512) agrees with the torch twin. Each test picks its libraries
-itself, so this module runs once (tests/test_expert_mlp.py runs its tests once per library)."""
+column layout (which MKL runs only for d >= 512) agrees with the torch twin. Each test picks its
+libraries itself, so this module runs once (tests/test_expert_mlp.py runs its tests once per
+library)."""
 
 from __future__ import annotations
 
