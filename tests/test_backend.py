@@ -50,13 +50,13 @@ def test_rust_requested_without_extension_is_a_clear_error(monkeypatch: pytest.M
 
 def test_rust_runs_for_cpu_float_and_torch_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = _backend.native
+    real = _backend.native_fn
 
-    def spy():  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real()
+    def spy(name, dtype):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        return real(name, dtype)
 
-    monkeypatch.setattr(_backend, "native", spy)
+    monkeypatch.setattr(_backend, "native_fn", spy)
     probs = torch.softmax(torch.randn(8, 4), -1)
     with moerust.use_backend("rust"):
         calls.clear()

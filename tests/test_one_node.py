@@ -246,6 +246,62 @@ def test_native_statistics_update_matches_the_python_one() -> None:
     assert one.float().stats.native_buffers() is None
 
 
+def test_native_statistics_follow_replaced_buffers() -> None:
+    # The native forward writes the EMA through numpy views kept between calls: a copy of the
+    # layer, a buffer assigned anew and one whose data moved must each get the update, and the
+    # buffers they replaced must not.
+    torch.manual_seed(5)
+    layer = MoE(MoEConfig(dim=8, hidden=6, num_experts=4, k=2)).train()
+    x = torch.randn(16, 8)
+    layer(x)
+    first = layer.stats.ema.clone()
+    assert int(layer.stats.steps) == 1 and float(first.sum()) > 0
+    copied = copy.deepcopy(layer)
+    copied(x)
+    assert torch.equal(layer.stats.ema, first) and int(layer.stats.steps) == 1
+    assert not torch.equal(copied.stats.ema, first) and int(copied.stats.steps) == 2
+    old = layer.stats.ema
+    layer.stats.ema = first.clone()  # a new buffer tensor
+    layer(x)
+    assert torch.equal(old, first) and torch.equal(layer.stats.ema, copied.stats.ema)
+    moved = layer.stats.ema.clone()
+    layer.stats.ema.data = moved  # the same tensor object on other memory
+    layer(x)
+    assert int(layer.stats.steps) == 3 and layer.stats.ema.data_ptr() == moved.data_ptr()
+    reference = copy.deepcopy(copied)
+    reference.one_node = False  # (the composed path updates the buffers in Python)
+    reference(x)
+    assert torch.equal(layer.stats.ema, reference.stats.ema)
+
+
+def test_parametrized_weights_take_the_one_node_path() -> None:
+    # The one-node path reads the weights from the modules' parameter dicts; a parametrized
+    # weight (no longer in that dict) is read through its property instead: the same values and
+    # gradients as the composed layer.
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2.0 * w
+
+    torch.manual_seed(6)
+    one = MoE(MoEConfig(dim=8, hidden=6, num_experts=4, k=2))
+    parametrize.register_parametrization(one.router, "weight", Double())
+    parametrize.register_parametrization(one.experts, "w2", Double())
+    composed = copy.deepcopy(one)
+    composed.one_node = False
+    x = torch.randn(12, 8)
+    grads = []
+    for layer, path in ((one, "one-node"), (composed, "composed")):
+        y, aux = layer(x)
+        assert _path(aux) == path
+        (y.square().sum() + aux.weighted).backward()
+        originals = (layer.router.parametrizations.weight.original, layer.experts.parametrizations.w2.original)
+        grads.append([y.detach()] + [w.grad for w in originals] + [layer.experts.w1.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_inputs_of_any_rank_and_layout(backend: str) -> None:
     # The one node takes x in its own shape (no view nodes around it): 1-D batches of one token,
     # 4-D and non-contiguous inputs give the composed layer's values and gradients.

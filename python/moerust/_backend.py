@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -163,9 +163,15 @@ def native() -> ModuleType:
     return _native_module
 
 
+_native_fns: Dict[Tuple[str, torch.dtype], Any] = {}
+
+
 def native_fn(name: str, dtype: torch.dtype) -> Any:
     """The dtype variant (``name_f32`` / ``name_f64``) of a Rust kernel."""
-    return getattr(native(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    fn = _native_fns.get((name, dtype))
+    if fn is None:  # (looked up once: every kernel call of a layer step asks)
+        fn = _native_fns[(name, dtype)] = getattr(native(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    return fn
 
 
 def _check_name(name: object, source: str) -> str:

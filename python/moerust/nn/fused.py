@@ -50,8 +50,9 @@ class LayerCall(NamedTuple):
     ``route`` and ``plan_of`` run the router and the dispatch plan on the composed path (each on
     its backend); ``k``, ``topp`` (``(p, min_k, max_k)`` or None for top-k) and
     ``capacity_factor`` (None: dropless) describe the same to the native forward. ``stats`` is
-    ``(ema, steps, beta, training)`` of the layer's :class:`~moerust.nn.RouterStats` (CPU float64
-    buffers) for the native forward to update, or None.
+    ``(ema, steps, beta, training)`` of the layer's :class:`~moerust.nn.RouterStats` (numpy views
+    of its CPU float64 / int64 buffers, :meth:`~moerust.nn.RouterStats.native_buffers`) for the
+    native forward to update, or None.
     """
 
     temperature: float
@@ -63,7 +64,7 @@ class LayerCall(NamedTuple):
     k: int
     topp: Optional[Tuple[float, int, int]]
     capacity_factor: Optional[float]
-    stats: Optional[Tuple[torch.Tensor, torch.Tensor, float, bool]]
+    stats: Optional[Tuple[Any, Any, float, bool]]
 
 
 class RoutedLayer(torch.autograd.Function):
@@ -134,16 +135,15 @@ def _backward(
     composed ops' backward kernels (torch backend, CUDA)."""
     call: LayerCall = ctx.call
     saved = ctx.saved_tensors  # (also checks that no saved tensor was modified in place)
-    x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
-    need_x, need_router = ctx.needs_input_grad[:2]
-    need_router_grads = need_x or need_router
-    grad_weights, grad_probs, grad_logits = (
-        None if g is None else g.contiguous() for g in (grad_weights, grad_probs, grad_logits)
-    )
+    need_router_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
     if grad_y is not None and ctx.kept is not None:  # the native forward's: one native call back
         balance = _balance_grad(grad_balance, grad_weighted, call.balance_weight)
         grads = (grad_weights, grad_probs, grad_logits, balance)
         return _grads(ctx, *_native_backward(ctx, grad_y.contiguous(), grads, need_router_grads))
+    x, router_weight, w1, w2, probs, idx, share, weights = saved[:8]
+    grad_weights, grad_probs, grad_logits = [
+        None if g is None else g.contiguous() for g in (grad_weights, grad_probs, grad_logits)
+    ]
     x = x.reshape(-1, x.shape[-1])  # (the native forward saves x in its own shape)
     if grad_weighted is not None:  # the weighted loss's gradient reaches the loss scaled
         scaled = grad_weighted * call.balance_weight
@@ -185,10 +185,9 @@ def _native_forward(
     sees them); the tensors handed out are saved as usual, so in-place changes to them are
     caught."""
     arrays = (_np(x).reshape(-1, x.shape[-1]), _np(router_weight), _np(w1), _np(w2))
-    stats = None if call.stats is None else (call.stats[0].numpy(), call.stats[1].numpy()) + call.stats[2:]
     dropped, capacity, steps, ema, plan_counts, outputs, kept = _backend.native_fn("moe_forward", x.dtype)(
         *arrays, float(call.temperature), call.renormalize, call.k, call.topp, call.capacity_factor,
-        call.activation, float(call.balance_weight), stats, _backend.num_threads(),
+        call.activation, float(call.balance_weight), call.stats, _backend.num_threads(),
     )  # fmt: skip
     outputs[2] = outputs[2].reshape(ctx.x_shape)  # y, in x's shape
     balance, weighted, y, logits, probs, idx, counts, weights, share = (torch.from_numpy(a) for a in outputs)
@@ -212,7 +211,7 @@ def _native_backward(
     backward is needed (``dx`` or its weight's gradient)."""
     call: LayerCall = ctx.call
     grad_weights, grad_probs, grad_logits, grad_balance = outside_grads
-    outside = [g for g in (grad_weights, grad_probs, grad_logits) if g is not None]
+    outside = [g for g in (grad_weights, grad_probs, grad_logits) if g is not None]  # (usually none)
     overwrite = _eager.saved_tensors_die(ctx, grad_y, *outside)
     grads = (
         None if grad_weights is None else _np(grad_weights),
@@ -221,10 +220,10 @@ def _native_backward(
         grad_balance,
     )
     dx, drouter, dw1, dw2 = _backend.native_fn("moe_backward", grad_y.dtype)(
-        _np(grad_y).reshape(-1, grad_y.shape[-1]), ctx.saved_arrays, ctx.kept, grads, call.renormalize, float(call.temperature),
-        call.activation, overwrite, router, _backend.num_threads(),
+        _np(grad_y).reshape(-1, grad_y.shape[-1]), ctx.saved_arrays, ctx.kept, grads, call.renormalize,
+        float(call.temperature), call.activation, overwrite, router, _backend.num_threads(),
     )  # fmt: skip
-    if not _eager.graph_kept():  # free the buffers now (the node may outlive its graph)
+    if overwrite or not _eager.graph_kept():  # free the buffers now (the node may outlive its graph)
         ctx.kept = ctx.saved_arrays = None
     return (
         torch.from_numpy(dx.reshape(ctx.x_shape)), None if drouter is None else torch.from_numpy(drouter),

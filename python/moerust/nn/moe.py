@@ -264,10 +264,11 @@ class MoE(nn.Module):
             if self._load_since_step.device != load.device:
                 self._load_since_step = self._load_since_step.to(load.device)
             self._load_since_step.add_(load)
+        tracker: RouterStats = self._modules["stats"]  # type: ignore[assignment]  # (see _one_node)
         if usage is not None:  # the native forward updated the statistics' buffers
-            stats = self.stats.record(plan.counts, usage[0], usage[1], tokens, assigned, plan.dropped)
+            stats = tracker.record(plan.counts, usage[0], usage[1], tokens, assigned, plan.dropped)
         else:
-            stats = self.stats.update(plan.counts, tokens, assigned, plan.dropped)
+            stats = tracker.update(plan.counts, tokens, assigned, plan.dropped)
         if y is None:
             y = self.experts.routed(x2, r.weights.to(x2.dtype), plan).reshape(x.shape)
         if self.shared is not None:
@@ -291,35 +292,39 @@ class MoE(nn.Module):
     def _unchecked_plan(self, idx: torch.Tensor, counts: torch.Tensor) -> ops.Plan:
         return self._plan(idx, counts, checked=False)
 
-    def _one_node(self, x: torch.Tensor) -> "Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]":
-        """``(router weight, w1, w2)`` when this call can take the one-node path
+    def _one_node(self, x: torch.Tensor) -> "Optional[tuple[Router, torch.Tensor, torch.Tensor, torch.Tensor]]":
+        """``(router, its weight, w1, w2)`` when this call can take the one-node path
         (:mod:`moerust.nn.fused`): a plain eager call whose router selects in one op
         (:attr:`Router.one_op`) and adds no training noise, with no hooks on the router and its
         weights in ``x``'s dtype; else None."""
-        r = self.router
+        # Submodules and parameters straight from the module's dicts: nn.Module.__getattr__ costs
+        # ~0.5 us a lookup, and this path exists to keep a small layer's per-call Python short.
+        r: Router = self._modules["router"]  # type: ignore[assignment]
         if not self.one_node or not r.one_op or (r.training and (r.noise_std > 0 or r.jitter > 0)):
             return None
-        params = (r.weight, self.experts.w1, self.experts.w2)
-        if r._forward_hooks or r._forward_pre_hooks or params[0].dtype != x.dtype:
+        experts = self._modules["experts"]
+        found = (r, _param(r, "weight"), _param(experts, "w1"), _param(experts, "w2"))
+        if r._forward_hooks or r._forward_pre_hooks or found[1].dtype != x.dtype:  # type: ignore[union-attr]
             return None
-        return params if _eager._plain_eager((x, *params)) else None
+        return found if _eager._plain_eager((x, *found[1:])) else None  # type: ignore[return-value]
 
-    def _one_node_forward(self, x: torch.Tensor, params: tuple, balance_weight: float) -> tuple:
+    def _one_node_forward(self, x: torch.Tensor, found: tuple, balance_weight: float) -> tuple:
         """``(routing, plan, y, weighted balance or None, usage or None)`` through
-        :class:`~moerust.nn.fused.RoutedLayer` (``x [..., dim]``, ``y`` of its shape; ``params``
+        :class:`~moerust.nn.fused.RoutedLayer` (``x [..., dim]``, ``y`` of its shape; ``found``
         from :meth:`_one_node`)."""
-        r, c = self.router, self.config
+        c = self.config
+        r = found[0]
         # The router op's balance loss is the layer's (see _losses) unless the global-batch loss
         # replaces it in training or there is none: only then is its weighted value of use.
         own_balance = c.balance == "switch" or (c.balance == "global" and not self.training)
         call = LayerCall(
-            r.temperature, r.renormalize, self.experts.activation, balance_weight if own_balance else 0.0,
+            r.temperature, r.renormalize, self._modules["experts"].activation, balance_weight if own_balance else 0.0,
             r.route_without_graph, self._unchecked_plan, r.k,
             (r.p, r.min_k, r.max_k) if r.routing == "topp" else None, c.capacity_factor,
-            self.stats.native_buffers(),
+            self._modules["stats"].native_buffers(),  # type: ignore[union-attr]
         )  # fmt: skip
         out: Dict[str, object] = {}
-        y, balance, weighted, logits, probs, weights = RoutedLayer.apply(x, *params, call, out)
+        y, balance, weighted, logits, probs, weights = RoutedLayer.apply(x, *found[1:], call, out)
         idx, counts, share = out["selection"]  # type: ignore[misc]
         routing = RouterOutput(logits, probs, idx, weights, counts, share=share, balance=balance)
         return routing, out["plan"], y, weighted if own_balance else None, out.get("usage")
@@ -374,6 +379,13 @@ class MoE(nn.Module):
         self._load_since_step = torch.zeros_like(self._load_since_step)
         if self.global_balance is not None:
             self.global_balance.reset()
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``: from the parameter dict when it is a registered parameter (skipping
+    nn.Module.__getattr__), else through the attribute (a parametrization's property, a tensor)."""
+    p = module._parameters.get(name)
+    return getattr(module, name) if p is None else p
 
 
 def after_optimizer_step(model: nn.Module) -> None:

@@ -101,6 +101,7 @@ class RouterStats(nn.Module):
         self.beta = beta
         self.register_buffer("ema", torch.zeros(num_experts, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._views: Optional[tuple] = None  # (see native_buffers)
 
     def usage(self) -> torch.Tensor:
         """The bias-corrected EMA of usage shares (uniform before the first update)."""
@@ -147,12 +148,26 @@ class RouterStats(nn.Module):
         )
 
     def native_buffers(self) -> "Optional[tuple]":
-        """``(ema, steps, beta, training)`` for the layer's native forward to update, when the
-        buffers are CPU float64 / int64 tensors (else None: :meth:`update` runs instead)."""
-        ema, steps = self.ema, self.steps
-        if ema.dtype != torch.float64 or steps.dtype != torch.int64 or not (ema.is_cpu and steps.is_cpu):
-            return None
-        return ema, steps, self.beta, self.training
+        """``(ema, steps, beta, training)`` for the layer's native forward to update in place:
+        numpy views of the two buffers when they are CPU float64 / int64 tensors (else None:
+        :meth:`update` runs instead)."""
+        buffers = self._buffers
+        ema, steps = buffers["ema"], buffers["steps"]
+        views = self._views
+        # The views are made once and kept while the buffers are the same tensors on the same
+        # memory (``.to()`` replaces a buffer, ``.data =`` moves it): this runs on every forward.
+        if views is None or views[0] is not ema or views[1] is not steps or views[2] != (ema.data_ptr(), steps.data_ptr()):
+            native = ema is not None and steps is not None and ema.dtype == torch.float64 and steps.dtype == torch.int64
+            native = native and ema.is_cpu and steps.is_cpu and ema.is_contiguous()  # type: ignore[union-attr]
+            arrays = (ema.numpy(), steps.numpy()) if native else None  # type: ignore[union-attr]
+            views = self._views = (ema, steps, (ema.data_ptr(), steps.data_ptr()) if native else None, arrays)  # type: ignore[union-attr]
+        return None if views[3] is None else views[3] + (self.beta, self.training)
+
+    def __getstate__(self) -> Dict[str, object]:
+        # Copies and pickles leave the views behind: they would alias this module's buffers.
+        state = self.__dict__.copy()
+        state["_views"] = None
+        return state
 
 
 def _assign(buffer: torch.Tensor, value: object) -> None:
