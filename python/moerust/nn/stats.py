@@ -156,11 +156,16 @@ class RouterStats(nn.Module):
         views = self._views
         # The views are made once and kept while the buffers are the same tensors on the same
         # memory (``.to()`` replaces a buffer, ``.data =`` moves it): this runs on every forward.
-        if views is None or views[0] is not ema or views[1] is not steps or views[2] != (ema.data_ptr(), steps.data_ptr()):
-            native = ema is not None and steps is not None and ema.dtype == torch.float64 and steps.dtype == torch.int64
-            native = native and ema.is_cpu and steps.is_cpu and ema.is_contiguous()  # type: ignore[union-attr]
-            arrays = (ema.numpy(), steps.numpy()) if native else None  # type: ignore[union-attr]
-            views = self._views = (ema, steps, (ema.data_ptr(), steps.data_ptr()) if native else None, arrays)  # type: ignore[union-attr]
+        if (
+            views is None
+            or views[0] is not ema
+            or views[1] is not steps
+            or (views[2] is not None and views[2] != (ema.data_ptr(), steps.data_ptr()))
+        ):
+            native = ema.dtype == torch.float64 and steps.dtype == torch.int64 and ema.is_cpu and steps.is_cpu
+            native = native and ema.is_contiguous()
+            arrays = (ema.numpy(), steps.numpy()) if native else None
+            views = self._views = (ema, steps, (ema.data_ptr(), steps.data_ptr()) if native else None, arrays)
         return None if views[3] is None else views[3] + (self.beta, self.training)
 
     def __getstate__(self) -> Dict[str, object]:
