@@ -168,11 +168,11 @@ class RouterStats(nn.Module):
             views = self._views = (ema, steps, (ema.data_ptr(), steps.data_ptr()) if native else None, arrays)
         return None if views[3] is None else views[3] + (self.beta, self.training)
 
-    def __getstate__(self) -> Dict[str, object]:
-        # Copies and pickles leave the views behind: they would alias this module's buffers.
-        state = self.__dict__.copy()
-        state["_views"] = None
-        return state
+    def __setstate__(self, state: Dict[str, object]) -> None:
+        # A copy or an unpickled module starts without views (they belonged to the buffers of the
+        # module it was made from; a module pickled before they existed has none).
+        super().__setstate__(state)
+        self._views = None
 
 
 def _assign(buffer: torch.Tensor, value: object) -> None:
