@@ -7,11 +7,14 @@
 //! cost about a quarter of the forward at d = 512. Here a task takes up to [`TILE_ROWS`] rows of
 //! one expert and a block of *columns* of the weights, so each weight is packed about once per
 //! tile of 512 rows; the price is that `a` (the forward) and `dh` (the backward) go through memory
-//! between the two GEMMs, with one more barrier, instead of staying in the core's cache.
+//! between the two GEMMs, with one more barrier, instead of staying in the core's cache. (The
+//! backward's `dxs = dh W1_e` pays no barrier of its own: its tasks share a region with the
+//! weight gradients, which read the same `dh`.)
 //!
-//! Every output element is computed by the same sequence of operations as in the row layout's
-//! GEMM of the same depth, but the GEMMs have other shapes, so results may differ in the last bits
-//! between the two layouts (not between runs, thread counts of one layout, or backward waves).
+//! Every output element is a sum over the same depth as in the row layout's GEMM, but the GEMMs
+//! have other shapes, so results may differ in the last bits between the two layouts, and, where
+//! the GEMM library blocks the depth by the product's width, between thread counts or waves of
+//! one layout (never between runs of one configuration).
 
 use std::marker::PhantomData;
 
@@ -190,97 +193,152 @@ pub(crate) fn forward<T: MlpReal>(
     T::give_back(a_buf);
 }
 
-/// The backward's per-row phase for one wave by column blocks: `a` and `dh` for the wave's rows
-/// (`a_wave`, `dh_wave`, `dx_wave` start at row `row0`; `ranges` are the wave's experts, the
-/// first of which is expert `e0`), then `dxs = dh W1_e`. `call_tiles` (the whole call's tile
-/// count) sets the column blocks, so the waves do not change them.
+/// The backward's first region for one wave by column blocks: `da = grad W2_e` and from it `a`
+/// and `dh` for the wave's rows (`a_wave`, `dh_wave` start at row `row0`; `ranges` are the wave's
+/// experts, the first of which is expert `e0`). The column blocks follow the wave's own tiles,
+/// so that a wave of a few experts still gives every thread about three tasks (with the whole
+/// call's blocks, a wave of 4 of 8 experts at d = 512 made 24 tasks for 16 threads).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_rows<T: MlpReal>(
+pub(crate) fn backward_act<T: MlpReal>(
     s: &MlpShape,
     grad: &[T],
     h: &[T],
-    w1: &[T],
     w2: &[T],
     ranges: &[(usize, usize)],
     e0: usize,
     row0: usize,
     a_wave: &mut [T],
     dh_wave: &mut [T],
-    dx_wave: &mut [T],
-    call_tiles: usize,
     threads: usize,
 ) {
     let (d, f, h1) = (s.d, s.f, s.act.h1(s.f));
     let tiles = row_tiles(ranges, TILE_ROWS);
-    {
-        let (ab, dhb) = (Blocks::new(a_wave, f), Blocks::new(dh_wave, h1));
-        let work = tasks(&tiles, &column_blocks(f, call_tiles, threads));
-        for_each_task(threads, work.len(), &|i| {
-            let (t, c0, c1) = work[i];
-            let (el, lo, hi) = tiles[t];
-            let (e, n, cb) = (e0 + el, hi - lo, c1 - c0);
-            let w2e = &w2[e * d * f..(e + 1) * d * f];
-            let (u0, u1) = up_columns(s.act, f, c0, c1);
-            T::with_tile_scratch(n * cb, |da| {
-                // da = grad[lo..hi] W2_e[:, c0..c1]
-                matmul(
-                    n,
-                    cb,
-                    d,
-                    da,
-                    cb,
-                    &grad[lo * d..hi * d],
-                    Strides::row_major(d),
-                    &w2e[c0..],
-                    Strides { rs: f, cs: 1 },
-                );
-                with_best_isa(
-                    #[inline(always)]
-                    || {
-                        for (r, dar) in (lo..hi).zip(da.chunks_exact(cb.max(1))) {
-                            let hr = &h[r * h1..(r + 1) * h1];
-                            let l = r - row0;
-                            // SAFETY: this task's own block of a and of dh (gate and up column
-                            // ranges are disjoint for SwiGLU; for GELU `dup` is empty).
-                            let (a, dfirst, dup) = unsafe {
-                                (ab.row(l, c0, c1), dhb.row(l, c0, c1), dhb.row(l, u0, u1))
-                            };
-                            let (first, up) = (&hr[c0..c1], &hr[u0..u1]);
-                            act_backward_parts(s.act, first, up, dar, a, dfirst, dup);
-                        }
-                    },
-                );
-            });
-        });
-    }
-    let dh = &*dh_wave;
-    let dxb = Blocks::new(dx_wave, d);
-    let work = tasks(&tiles, &column_blocks(d, call_tiles, threads));
+    let (ab, dhb) = (Blocks::new(a_wave, f), Blocks::new(dh_wave, h1));
+    let work = tasks(&tiles, &column_blocks(f, tiles.len(), threads));
     for_each_task(threads, work.len(), &|i| {
         let (t, c0, c1) = work[i];
         let (el, lo, hi) = tiles[t];
-        let e = e0 + el;
-        let w1e = &w1[e * h1 * d..(e + 1) * h1 * d];
+        let (e, n, cb) = (e0 + el, hi - lo, c1 - c0);
+        let w2e = &w2[e * d * f..(e + 1) * d * f];
+        let (u0, u1) = up_columns(s.act, f, c0, c1);
+        T::with_tile_scratch(n * cb, |da| {
+            // da = grad[lo..hi] W2_e[:, c0..c1]
+            matmul(
+                n,
+                cb,
+                d,
+                da,
+                cb,
+                &grad[lo * d..hi * d],
+                Strides::row_major(d),
+                &w2e[c0..],
+                Strides { rs: f, cs: 1 },
+            );
+            with_best_isa(
+                #[inline(always)]
+                || {
+                    for (r, dar) in (lo..hi).zip(da.chunks_exact(cb.max(1))) {
+                        let hr = &h[r * h1..(r + 1) * h1];
+                        let l = r - row0;
+                        // SAFETY: this task's own block of a and of dh (gate and up column
+                        // ranges are disjoint for SwiGLU; for GELU `dup` is empty).
+                        let (a, dfirst, dup) =
+                            unsafe { (ab.row(l, c0, c1), dhb.row(l, c0, c1), dhb.row(l, u0, u1)) };
+                        let (first, up) = (&hr[c0..c1], &hr[u0..u1]);
+                        act_backward_parts(s.act, first, up, dar, a, dfirst, dup);
+                    }
+                },
+            );
+        });
+    });
+}
+
+/// The backward's `dxs = dh W1_e` for one wave by column blocks of d, as tasks: the caller runs
+/// them in one region with the wave's weight gradients, which read the same `dh` (one fork/join
+/// fewer per wave, and the two kinds of task balance each other's tails).
+pub(crate) struct DxBlocks<'a, T> {
+    d: usize,
+    h1: usize,
+    tiles: Vec<(usize, usize, usize)>,
+    work: Vec<(usize, usize, usize)>,
+    dh: &'a [T],
+    w1: &'a [T],
+    e0: usize,
+    row0: usize,
+    dx: Blocks<'a, T>,
+}
+
+impl<'a, T: MlpReal> DxBlocks<'a, T> {
+    /// The tasks of one wave (arguments as for [`backward_act`]; `dx_wave` starts at row
+    /// `row0`). `call_tiles` (the whole call's tile count) sets the column blocks: the region's
+    /// weight gradients already give each thread several tasks, so these stay as wide as the
+    /// whole call allows (each re-packs its rows of `dh`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        s: &MlpShape,
+        ranges: &[(usize, usize)],
+        e0: usize,
+        row0: usize,
+        dh: &'a [T],
+        w1: &'a [T],
+        dx_wave: &'a mut [T],
+        call_tiles: usize,
+        threads: usize,
+    ) -> Self {
+        let tiles = row_tiles(ranges, TILE_ROWS);
+        let work = tasks(&tiles, &column_blocks(s.d, call_tiles, threads));
+        DxBlocks {
+            d: s.d,
+            h1: s.act.h1(s.f),
+            tiles,
+            work,
+            dh,
+            w1,
+            e0,
+            row0,
+            dx: Blocks::new(dx_wave, s.d),
+        }
+    }
+
+    /// Number of tasks.
+    pub(crate) fn len(&self) -> usize {
+        self.work.len()
+    }
+
+    /// Multiply-adds of task `i` (to order it among other tasks, largest first).
+    pub(crate) fn cost(&self, i: usize) -> usize {
+        let (t, c0, c1) = self.work[i];
+        (self.tiles[t].2 - self.tiles[t].1) * (c1 - c0) * self.h1
+    }
+
+    /// Runs task `i`; each task runs once.
+    pub(crate) fn run(&self, i: usize) {
+        let (d, h1, row0) = (self.d, self.h1, self.row0);
+        let (t, c0, c1) = self.work[i];
+        let (el, lo, hi) = self.tiles[t];
+        let e = self.e0 + el;
+        let w1e = &self.w1[e * h1 * d..(e + 1) * h1 * d];
         // dx[lo..hi, c0..c1] = dh[lo..hi] W1_e[:, c0..c1]
-        // SAFETY: this task alone writes rows lo..hi, columns c0..c1 of the wave's dxs, which is
-        // not an operand.
+        // SAFETY: task i alone writes rows lo..hi, columns c0..c1 of the wave's dxs (the tasks'
+        // (tile, column block) pairs are disjoint), which is not an operand.
         unsafe {
             matmul_raw(
                 hi - lo,
                 c1 - c0,
                 h1,
-                dxb.block(lo - row0, c0, hi - lo, c1 - c0),
+                self.dx.block(lo - row0, c0, hi - lo, c1 - c0),
                 d,
-                &dh[(lo - row0) * h1..(hi - row0) * h1],
+                &self.dh[(lo - row0) * h1..(hi - row0) * h1],
                 Strides::row_major(h1),
                 &w1e[c0..],
                 Strides { rs: d, cs: 1 },
             )
         };
-    });
+    }
 }
 
-/// Tiles of the whole call in this layout (sets the column blocks of every wave).
+/// Tiles of the whole call in this layout (sets the forward's column blocks and the backward's
+/// [`DxBlocks`] in every wave).
 pub(crate) fn call_tiles(ranges: &[(usize, usize)]) -> usize {
     row_tiles(ranges, TILE_ROWS).len()
 }

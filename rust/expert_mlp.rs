@@ -871,9 +871,10 @@ impl<T: MlpReal> CombineGrad<'_, T> {
 
 /// Work for the expert backward's last parallel region: tasks that need every row of its first
 /// phase (`grad_xs [R, d]` and, when the combine's backward ran in it, the rows' dot products
-/// `[R]`) but not the weight gradients. They run after the last wave's weight-gradient blocks,
-/// in the same region: one fork/join fewer than a region of their own, and small tasks fill the
-/// region's tail.
+/// `[R]`) but not the weight gradients. In the row layout they run after the last wave's
+/// weight-gradient blocks, in the same region: one fork/join fewer than a region of their own,
+/// and small tasks fill the region's tail. (In the column layout that region computes the last
+/// rows of `grad_xs` too, so they run in a region of their own after it.)
 pub trait AfterRows<T> {
     /// Makes the tasks for `grad_xs` and the dot products (None when the output gradient was
     /// given) and calls `run(n, task)` once: `task(i)` runs each `i < n` once, on any thread.
@@ -928,6 +929,18 @@ pub fn expert_mlp_backward_from<T: MlpReal>(
 /// A block of output rows of one expert's weight gradient: `(expert, of dW1 (else dW2), first
 /// row, the rows)`.
 type GradBlock<'b, T> = (usize, bool, usize, &'b mut [T]);
+
+/// A task of a wave's second region in the column layout: a weight-gradient block or a block
+/// of `dxs` ([`crate::expert_columns::DxBlocks`]).
+enum WaveTask<'b, T> {
+    Grad(GradBlock<'b, T>),
+    Dx(usize),
+}
+
+/// Multiply-adds of a weight-gradient block (its outputs times its expert's rows).
+fn grad_block_cost<T>(b: &GradBlock<'_, T>, ranges: &[(usize, usize)]) -> usize {
+    (ranges[b.0].1 - ranges[b.0].0) * b.3.len()
+}
 
 /// Phase 2 of a wave of the expert backward, cut into blocks of output rows of each expert's
 /// weight gradients ([`weight_grad_block`] computes one). Blocks of equal output size (dW1 rows
@@ -1053,7 +1066,8 @@ fn backward_in_waves<T: MlpReal>(
     // dense-active bound's for large layers. Each expert's sums are computed the same way in any
     // wave, so the waves do not change the results.
     let waves = expert_waves(&ranges, budget_rows);
-    // The column layout's blocks follow the whole call's tiles, so the waves do not change them.
+    // The column layout's blocks of `dxs` follow the whole call's tiles (the region they share
+    // with the weight gradients has tasks enough); those of `a` and `dh` follow each wave's.
     let call_tiles = if columns {
         crate::expert_columns::call_tiles(&ranges)
     } else {
@@ -1075,20 +1089,19 @@ fn backward_in_waves<T: MlpReal>(
         let dw2_wave = take_front(&mut dw2_rest, (e_hi - e_lo) * d * f);
         let (a_all, dh_all) = scratch[..n_rows * (f + h1)].split_at_mut(n_rows * f);
 
+        // The column layout's first region: `a` and `dh` of the wave's rows (`dxs` joins the
+        // weight gradients' region below).
         if columns && n_rows > 0 {
-            crate::expert_columns::backward_rows(
+            crate::expert_columns::backward_act(
                 s,
                 given,
                 h,
-                w1,
                 w2,
                 &ranges[e_lo..e_hi],
                 e_lo,
                 row0,
                 a_all,
                 dh_all,
-                dx_wave,
-                call_tiles,
                 threads,
             );
         }
@@ -1186,6 +1199,49 @@ fn backward_in_waves<T: MlpReal>(
         };
         let blocks = weight_grad_blocks(s, (e_lo, e_hi), &ranges, (dw1_wave, dw2_wave), threads);
         let (ranges, scratch) = (&ranges[..], (&a_all[..], &dh_all[..]));
+        let last = wave + 1 == waves.len();
+        if columns {
+            // The column layout's `dxs = dh W1_e` joins the weight gradients' region (both read
+            // only `a` and `dh`); `after` needs every row of `dxs`, so it runs after the last
+            // wave's region, in a region of its own.
+            let dx = crate::expert_columns::DxBlocks::new(
+                s,
+                &ranges[e_lo..e_hi],
+                e_lo,
+                row0,
+                scratch.1,
+                w1,
+                &mut *dx_wave,
+                call_tiles,
+                threads,
+            );
+            let mut tasks: Vec<(usize, WaveTask<'_, T>)> = (0..dx.len())
+                .map(|i| (dx.cost(i), WaveTask::Dx(i)))
+                .chain(
+                    blocks
+                        .into_iter()
+                        .map(|b| (grad_block_cost(&b, ranges), WaveTask::Grad(b))),
+                )
+                .collect();
+            // Largest first (stable: equal tasks keep their order).
+            tasks.sort_by_key(|&(cost, _)| std::cmp::Reverse(cost));
+            let tasks: Vec<WaveTask<'_, T>> = tasks.into_iter().map(|(_, t)| t).collect();
+            let run = |task: WaveTask<'_, T>| {
+                match task {
+                    WaveTask::Grad(b) => weight_grad_block(s, b, ranges, row0, scratch, xs, grad),
+                    WaveTask::Dx(i) => dx.run(i),
+                }
+                Ok(())
+            };
+            run_parts_then(threads, tasks, run, 0, &|_| Ok(()))?;
+            if let Some(after) = after.as_deref_mut().filter(|_| last) {
+                let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
+                after.run_with(&*dxs, dots, &mut |n, task| {
+                    try_for_each_index(threads, n, task)
+                })?;
+            }
+            continue;
+        }
         let block = |b| {
             weight_grad_block(s, b, ranges, row0, scratch, xs, grad);
             Ok(())
@@ -1193,7 +1249,7 @@ fn backward_in_waves<T: MlpReal>(
         // After the last wave's phase 1 every row of `dxs` (and of the dot products) exists:
         // `after`'s tasks join this region, after the weight gradients' blocks.
         let mut blocks = Some(blocks);
-        if let Some(after) = after.as_deref_mut().filter(|_| wave + 1 == waves.len()) {
+        if let Some(after) = after.as_deref_mut().filter(|_| last) {
             let dots = dots_first.or(fill.as_ref().map(|c| &*c.dots));
             after.run_with(&*dxs, dots, &mut |n, task| {
                 let blocks = blocks.take().unwrap_or_default();

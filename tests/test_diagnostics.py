@@ -100,18 +100,21 @@ def test_tile_rows_rule_changes_tiles_not_results() -> None:
             _native.set_tile_rows(*bad)
 
 
-def test_expert_layout_changes_regions_not_results() -> None:
+@pytest.mark.parametrize("dim, hidden, tokens", [(128, 64, 900), (64, 1024, 1100)])
+def test_expert_layout_changes_regions_not_results(dim: int, hidden: int, tokens: int) -> None:
     """``set_expert_layout`` (for measurements) runs the expert kernels by rows or by column
     blocks on either GEMM library; the layer's output and gradients stay those of the default
-    layout (up to the products' rounding), and the column layout's forward takes one more
-    parallel region (``h`` and ``a`` by columns, then ``out``). Anything else is a ValueError."""
+    layout (up to the products' rounding), and the column layout takes more parallel regions
+    (its forward: ``h`` and ``a`` by columns, then ``out``). Anything else is a ValueError. The
+    second shape's backward (2200 rows of 12 KiB of scratch) runs in two waves, the router's
+    and combine's backward after the column layout's last one."""
     from moerust.nn import MoE, MoEConfig
 
     from .conftest import available_gemms
 
     torch.manual_seed(1)
-    layer = MoE(MoEConfig(dim=128, hidden=64, num_experts=4, k=2))
-    x = torch.randn(900, 128, requires_grad=True)
+    layer = MoE(MoEConfig(dim=dim, hidden=hidden, num_experts=4, k=2))
+    x = torch.randn(tokens, dim, requires_grad=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
 
