@@ -531,7 +531,9 @@ fn tile_rows(total_rows: usize, threads: usize) -> usize {
 /// MKL packs faster than the crate, so with MKL running the products ([`crate::blas`]) the
 /// column layout pays off only for wider models: on the same Xeon at 16 threads (layouts
 /// alternated in one process, `benches/tiling_ab.py`) the d = 512 layer step took 0.956x as long
-/// by columns as by rows, the d = 256 step 1.046x.
+/// by columns as by rows, the d = 256 step 1.046x; after the column layout's backward lost a
+/// region per wave, 0.868x (d = 512, 8 threads) and 1.073x (d = 256, 16 threads; 0.976x for its
+/// 64 experts of 8 per token, too small a gain for a rule of its own).
 /// `MOERUST_EXPERT_LAYOUT=rows|columns` (read at the first call) or [`set_expert_layout`] forces
 /// either layout, for measurements.
 pub(crate) fn by_columns(s: &MlpShape, threads: usize) -> bool {
