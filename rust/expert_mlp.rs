@@ -973,9 +973,7 @@ fn weight_grad_blocks<'b, T: MlpReal>(
             blocks.push((e_lo + el, false, i * block2, c));
         }
     }
-    blocks.sort_by_key(|&(e, _, _, ref out)| {
-        std::cmp::Reverse((ranges[e].1 - ranges[e].0) * out.len())
-    });
+    blocks.sort_by_key(|b| std::cmp::Reverse(grad_block_cost(b, ranges)));
     blocks
 }
 
